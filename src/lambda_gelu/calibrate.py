@@ -1,0 +1,190 @@
+"""Calibration: each activation layer's pre-activations, its discrepancy from ReLU, and its target λ*.
+
+The discrepancy of a layer at hardness λ, on its own pre-activations x, is
+
+    D(λ) = E[(f(x; λ) − ReLU(x))²] / E[ReLU(x)²],
+
+the relative mean-square change of the layer's output if its gate were swapped
+for ReLU. |f(x; λ) − ReLU(x)| = |x|·Φ(−λ|x|) (tanh form: |x|·σ(−2|u|)), which
+falls with λ for every x, so D is strictly decreasing and the target
+
+    λ* = min{λ >= 1 : D(λ) <= τ}
+
+is found by bisection in log λ. For x ~ N(0, σ²), D ≈ 0.05/(λσ)³.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lambda_gelu.convert import gelu_approximation, is_gelu
+from lambda_gelu.module import LAMBDA_MAX, LambdaGELU
+from lambda_gelu.ops import _TANH_A, _TANH_C
+
+DEFAULT_TAU = 1e-5
+DEFAULT_MAX_VALUES = 1 << 18
+
+
+def activation_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """LambdaGELU and GELU-family layers of ``model`` by qualified name, in module order."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, LambdaGELU) or is_gelu(module)
+    }
+
+
+def layer_lambda(module: nn.Module) -> torch.Tensor:
+    """λ of an activation layer: its hardness for LambdaGELU, 1 for a GELU-family module."""
+    if isinstance(module, LambdaGELU):
+        return module.lam.double().cpu()
+    return torch.tensor(1.0, dtype=torch.float64)
+
+
+def layer_approximation(module: nn.Module) -> str:
+    """``"none"`` or ``"tanh"``: the form of an activation layer."""
+    if isinstance(module, LambdaGELU):
+        return module.approximate
+    return gelu_approximation(module) or "none"
+
+
+def _rows(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """Pre-activations as rows: (n,) for a per-layer λ, (n, C) for a per-channel λ."""
+    channels = getattr(module, "num_channels", None)
+    if channels is None:
+        return x.detach().reshape(-1)
+    return x.detach().movedim(module.channel_dim, -1).reshape(-1, channels)
+
+
+def _batch_input(batch: Any) -> Any:
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    max_values: int = DEFAULT_MAX_VALUES,
+    max_batches: int | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Collect each activation layer's pre-activations over ``batches``.
+
+    Forward hooks on every LambdaGELU and GELU-family layer record their
+    inputs; a seeded reservoir keeps a uniform sample of at most
+    ``max_values`` values per layer (whole rows for per-channel layers), on
+    the CPU in float32. ``batches`` yields inputs or ``(input, target)``
+    tuples. The model runs in eval mode and is restored to its mode after.
+
+    Returns ``{layer name: samples}``, samples of shape (n,) or (n, C).
+    """
+    layers = activation_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LambdaGELU or GELU layer to calibrate")
+    generator = torch.Generator().manual_seed(seed)
+    kept: dict[str, torch.Tensor] = {}
+    keys: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str, module: nn.Module):
+        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: Any) -> None:
+            rows = _rows(inputs[0], module).float().cpu()
+            capacity = max(1, max_values // (rows.shape[1] if rows.ndim == 2 else 1))
+            new_keys = torch.rand(rows.shape[0], generator=generator)
+            rows = torch.cat([kept[name], rows]) if name in kept else rows
+            all_keys = torch.cat([keys[name], new_keys]) if name in keys else new_keys
+            if rows.shape[0] > capacity:  # reservoir: keep the rows with the smallest keys
+                index = all_keys.topk(capacity, largest=False).indices
+                rows, all_keys = rows[index], all_keys[index]
+            kept[name], keys[name] = rows, all_keys
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n, m)) for n, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        for index, batch in enumerate(batches):
+            if max_batches is not None and index >= max_batches:
+                break
+            model(_batch_input(batch).to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    missing = [name for name in layers if name not in kept]
+    if missing:
+        raise ValueError(f"no data reached layer(s) {missing}: is the loader empty?")
+    return kept
+
+
+def gap_to_relu(x: torch.Tensor, lam: torch.Tensor | float, approximate: str = "none") -> torch.Tensor:
+    """|f(x; λ) − ReLU(x)| computed without cancellation (float64)."""
+    x = x.double()
+    lam = torch.as_tensor(lam, dtype=torch.float64)
+    a = x.abs()
+    if approximate == "none":
+        return a * torch.special.ndtr(-lam * a)  # |x|·Φ(−λ|x|)
+    z = lam * a
+    u = _TANH_C * z * (1.0 + _TANH_A * z * z)
+    return a * torch.sigmoid(-2.0 * u)  # |x|·σ(−2|u|), from ½(1 + tanh u) = σ(2u)
+
+
+def discrepancy(values: torch.Tensor, lam: torch.Tensor | float, approximate: str = "none") -> torch.Tensor:
+    """D(λ) = E[(f(x;λ) − ReLU(x))²] / E[ReLU(x)²] over ``values`` (dim 0 is the sample dim).
+
+    Returns a scalar for (n,) values, one value per channel for (n, C). A
+    layer whose inputs are never positive (E[ReLU²] = 0) is measured against
+    E[x²] instead.
+    """
+    values = values.double()
+    gap2 = gap_to_relu(values, lam, approximate).square().mean(0)
+    relu2 = values.clamp(min=0).square().mean(0)
+    scale = torch.where(relu2 > 0, relu2, values.square().mean(0))
+    return gap2 / scale.clamp(min=torch.finfo(torch.float64).tiny)
+
+
+def target_lambda(
+    values: torch.Tensor,
+    tau: float = DEFAULT_TAU,
+    approximate: str = "none",
+    lam_max: float = LAMBDA_MAX,
+    rtol: float = 1e-6,
+) -> torch.Tensor:
+    """Smallest λ in [1, lam_max] with D(λ) <= ``tau``, by bisection in log λ.
+
+    ``values`` is (n,) or (n, C); the result is a scalar or one λ* per channel
+    (float64). Where even ``lam_max`` misses ``tau`` (all-zero inputs), the
+    result is ``lam_max``.
+    """
+    if not 0.0 < tau < 1.0:
+        raise ValueError(f"tau must be in (0, 1), got {tau}")
+    shape = values.shape[1:]
+    lo = torch.zeros(shape, dtype=torch.float64)  # log λ; D(e^lo) > tau unless lo = 0 meets it
+    hi = torch.full(shape, math.log(lam_max), dtype=torch.float64)
+    meets_at_one = discrepancy(values, 1.0, approximate) <= tau
+    for _ in range(200):
+        if bool(((hi - lo) <= math.log1p(rtol)).all()):
+            break
+        mid = 0.5 * (lo + hi)
+        ok = discrepancy(values, mid.exp(), approximate) <= tau
+        hi = torch.where(ok, mid, hi)
+        lo = torch.where(ok, lo, mid)
+    return torch.where(meets_at_one, torch.ones_like(hi), hi.exp())
+
+
+def layer_targets(
+    model: nn.Module, samples: dict[str, torch.Tensor], tau: float = DEFAULT_TAU
+) -> dict[str, torch.Tensor]:
+    """λ* for every LambdaGELU layer in ``samples`` (per channel where the layer is per-channel)."""
+    layers = activation_layers(model)
+    return {
+        name: target_lambda(values, tau, layer_approximation(layers[name]))
+        for name, values in samples.items()
+        if isinstance(layers.get(name), LambdaGELU)
+    }

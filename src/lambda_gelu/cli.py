@@ -1,0 +1,297 @@
+"""The ``lambda-gelu`` command: demo, train, harden, relufy, profile."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import torch
+
+from lambda_gelu.calibrate import calibrate
+from lambda_gelu.checkpoint import load_checkpoint, save_checkpoint
+from lambda_gelu.convert import convert
+from lambda_gelu.data import DATASETS, Split, load_dataset
+from lambda_gelu.metrics import disruption, evaluate
+from lambda_gelu.models import ACTIVATIONS, MODELS, build_model
+from lambda_gelu.outputs import check_writable, staged_dir
+from lambda_gelu.pipeline import HardenConfig, harden, relu_copy
+from lambda_gelu.profile import HardnessRecorder, hardness, profile_table
+from lambda_gelu.schedule import SHAPES
+from lambda_gelu.train import OPTIMIZERS, TrainConfig, fit
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input from the command line: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line and exits with 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    value = _positive_float(text)
+    if not value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated widths like 128,128, got {text!r}") from None
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"widths must be positive, got {text!r}")
+    return widths
+
+
+def _add_data_args(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="digits" if required else None,
+                        help="data set (default: digits%s)" % ("" if required else ", or the checkpoint's"))
+    parser.add_argument("--data-dir", help="where the data set's files are (for data sets that read files)")
+
+
+def _add_output_args(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--out", required=True, help=f"{what} to write")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``lambda-gelu`` command."""
+    parser = _Parser(prog="lambda-gelu", description="Learn GELU gate hardness, then turn the network into ReLU.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = sub.add_parser("demo", help="the whole pipeline on an embedded data set, with a report")
+    demo.add_argument("--out", default="runs/demo", help="run folder to write (default: runs/demo)")
+    demo.add_argument("--force", action="store_true", help="replace the run folder if it exists")
+    _add_data_args(demo, required=True)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--steps", type=_positive_int, default=3000, help="training steps per model")
+    demo.add_argument("--harden-steps", type=_positive_int, default=600, help="ReLU-ization (and fine-tuning) steps")
+    demo.add_argument("--tau", type=_unit_interval, default=HardenConfig.tau, help="per-layer tolerance τ")
+    demo.add_argument("--hidden", type=_widths, default=(128, 128, 128), help="MLP widths (default 128,128,128)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    train = sub.add_parser("train", help="train a model from scratch and save a checkpoint")
+    _add_output_args(train, "checkpoint file (.safetensors)")
+    _add_data_args(train, required=True)
+    train.add_argument("--model", choices=sorted(MODELS), default="mlp")
+    train.add_argument("--hidden", type=_widths, default=(128, 128, 128))
+    train.add_argument("--activation", choices=sorted(ACTIVATIONS), default="lambda_gelu")
+    train.add_argument("--steps", type=_positive_int, default=3000)
+    train.add_argument("--lr", type=_positive_float, default=3e-3)
+    train.add_argument("--weight-decay", type=float, default=0.1)
+    train.add_argument("--hardness-lr", type=float, default=None, help="step size in log(λ − 1) (default 0.02)")
+    train.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    train.add_argument("--batch-size", type=_positive_int, default=64)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--record", help="also write λ every --record-every steps to this CSV file")
+    train.add_argument("--record-every", type=_positive_int, default=10)
+    train.add_argument("--no-progress", action="store_true")
+
+    hard = sub.add_parser("harden", help="move each λ to its target while the weights train (before the swap)")
+    hard.add_argument("checkpoint", help="a λ-GELU checkpoint")
+    _add_output_args(hard, "hardened checkpoint file")
+    _add_data_args(hard, required=False)
+    hard.add_argument("--steps", type=_positive_int, default=HardenConfig.steps)
+    hard.add_argument("--tau", type=_unit_interval, default=HardenConfig.tau)
+    hard.add_argument("--shape", choices=SHAPES, default=HardenConfig.shape)
+    hard.add_argument("--distill-weight", type=_fraction, default=HardenConfig.distill_weight)
+    hard.add_argument("--lr", type=_positive_float, default=HardenConfig.lr)
+    hard.add_argument("--seed", type=int, default=HardenConfig.seed)
+    hard.add_argument("--no-progress", action="store_true")
+
+    relu = sub.add_parser("relufy", help="swap every λ-GELU (or, with --include-gelu, GELU) gate for ReLU")
+    relu.add_argument("checkpoint")
+    _add_output_args(relu, "ReLU checkpoint file")
+    _add_data_args(relu, required=False)
+    relu.add_argument("--include-gelu", action="store_true", help="also swap plain GELU (the direct-swap baseline)")
+    relu.add_argument("--onnx", help="also export the ReLU model to this ONNX file")
+
+    prof = sub.add_parser("profile", help="print (and plot) the hardness profile of a checkpoint")
+    prof.add_argument("checkpoint")
+    _add_data_args(prof, required=False)
+    prof.add_argument("--out", help="folder for profile.md, profile.json and plots")
+    prof.add_argument("--force", action="store_true")
+    return parser
+
+
+def _version() -> str:
+    from lambda_gelu import __version__
+
+    return __version__
+
+
+def _split_for(args: argparse.Namespace, header: dict[str, Any]) -> Split:
+    meta = header.get("metadata", {})
+    name = args.dataset or meta.get("dataset")
+    if name is None:
+        raise UsageError("the checkpoint does not say which data set it was trained on; pass --dataset")
+    return load_dataset(name, args.data_dir, seed=int(meta.get("data_seed", 0)))
+
+
+def _cmd_demo(args: argparse.Namespace, command: str) -> int:
+    from lambda_gelu.demo import DemoConfig, run_demo
+
+    config = DemoConfig(dataset=args.dataset, data_dir=args.data_dir, seed=args.seed, hidden=tuple(args.hidden))
+    config.train.steps = args.steps
+    config.harden = HardenConfig(steps=args.harden_steps, tau=args.tau)
+    run_demo(args.out, config, force=args.force, progress=not args.no_progress, command=command)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace, command: str) -> int:
+    out = check_writable(args.out, args.force)
+    if args.record:
+        check_writable(args.record, args.force)
+    split = load_dataset(args.dataset, args.data_dir, seed=args.seed)
+    kwargs = {"in_features": int(split.x_train[0].numel()), "num_classes": split.num_classes,
+              "hidden": list(args.hidden)}
+    torch.manual_seed(args.seed)
+    learned = args.activation == "lambda_gelu"
+    model = build_model(args.model, **kwargs, activation="gelu" if learned else args.activation)
+    if learned:
+        convert(model)  # the same initial weights as the GELU model of this seed
+    config = TrainConfig(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, hardness_lr=args.hardness_lr,
+                         optimizer=args.optimizer, batch_size=args.batch_size, seed=args.seed)
+    recorder = HardnessRecorder(model, every=args.record_every) if args.record else None
+    fit(model, split, config, recorder=recorder, progress=not args.no_progress)
+    result = evaluate(model, split.test_batches())
+    meta = {"dataset": args.dataset, "data_seed": args.seed, "train": config.to_dict(), "command": command,
+            "test_accuracy": result.accuracy, "test_loss": result.loss}
+    save_checkpoint(out, model, args.model, kwargs, meta)
+    if recorder is not None:
+        recorder.to_csv(args.record)
+    print(f"test accuracy {result.accuracy:.2f}%  loss {result.loss:.4f}  -> {out}")
+    return 0
+
+
+def _cmd_harden(args: argparse.Namespace, command: str) -> int:
+    out = check_writable(args.out, args.force)
+    model, header = load_checkpoint(args.checkpoint)
+    split = _split_for(args, header)
+    config = HardenConfig(steps=args.steps, tau=args.tau, shape=args.shape, distill_weight=args.distill_weight,
+                          lr=args.lr, seed=args.seed)
+    before = evaluate(model, split.test_batches())
+    hardener = harden(model, split, config, progress=not args.no_progress)
+    after = evaluate(model, split.test_batches())
+    meta = dict(header.get("metadata", {}), harden=config.to_dict(), command=command,
+                targets={k: v.tolist() for k, v in hardener.target.items()},
+                test_accuracy=after.accuracy, test_loss=after.loss)
+    save_checkpoint(out, model, header["model"], header["model_kwargs"], meta)
+    print(profile_table(hardness(model)))
+    print(f"test accuracy {before.accuracy:.2f}% -> {after.accuracy:.2f}% (before the swap)  -> {out}")
+    return 0
+
+
+def _cmd_relufy(args: argparse.Namespace, command: str) -> int:
+    out = check_writable(args.out, args.force)
+    if args.onnx:
+        check_writable(args.onnx, args.force)
+    model, header = load_checkpoint(args.checkpoint)
+    split = _split_for(args, header)
+    relu_model = relu_copy(model, include_gelu=args.include_gelu)
+    report = disruption(model, relu_model, split.test_batches())
+    meta = dict(header.get("metadata", {}), relufy=report.to_dict(), command=command,
+                test_accuracy=report.accuracy_after)
+    save_checkpoint(out, relu_model, header["model"], header["model_kwargs"], meta)
+    print(f"accuracy {report.accuracy_before:.2f}% -> {report.accuracy_after:.2f}% "
+          f"(drop {report.accuracy_before - report.accuracy_after:+.2f}), loss {report.loss_before:.4f} -> "
+          f"{report.loss_after:.4f}, KL {report.kl:.2e}")
+    for name, value in report.layer_discrepancy.items():
+        print(f"  {name}: D(λ) = {value:.2e}")
+    if args.onnx:
+        from lambda_gelu.export import check_onnx, export_onnx
+
+        export_onnx(relu_model, split.x_test[:2], args.onnx)
+        onnx = check_onnx(relu_model, split.x_test, args.onnx)
+        print(f"ONNX: {onnx.op_counts}; smooth-gate ops: {onnx.smooth_gate_ops or 'none'}; "
+              f"max |onnxruntime − torch| = {onnx.max_abs_diff:.2e}")
+    print(f"-> {out}")
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace, command: str) -> int:
+    if args.out:
+        check_writable(args.out, args.force)
+    model, header = load_checkpoint(args.checkpoint)
+    samples = None
+    if args.dataset or header.get("metadata", {}).get("dataset"):
+        samples = calibrate(model, _split_for(args, header).train_batches())
+    profile = hardness(model, samples)
+    table = profile_table(profile)
+    print(table)
+    if args.out:
+        from lambda_gelu.plots import plot_gates, plot_profile
+
+        with staged_dir(args.out, force=args.force) as stage:
+            (stage / "profile.md").write_text(f"# Hardness profile of {args.checkpoint}\n\n{table}\n")
+            (stage / "profile.json").write_text(json.dumps([row.to_dict() for row in profile], indent=1))
+            plot_profile(profile, stage / "profile.png")
+            if samples is not None:
+                plot_gates(model, samples, stage / "gates.png")
+        print(f"-> {args.out}")
+    return 0
+
+
+COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "harden": _cmd_harden, "relufy": _cmd_relufy,
+            "profile": _cmd_profile}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lambda-gelu`` command; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    command = "lambda-gelu " + shlex.join(argv)
+    try:
+        return COMMANDS[args.command](args, command)
+    except KeyboardInterrupt:
+        print("lambda-gelu: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, ValueError, FileExistsError, FileNotFoundError, PermissionError) as error:
+        print(f"lambda-gelu {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

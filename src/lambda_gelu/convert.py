@@ -1,0 +1,378 @@
+"""Swap activations in a model: GELU family → LambdaGELU (``convert``), LambdaGELU → ReLU (``relufy``).
+
+One walker, :func:`replace_modules`, serves both. It visits every (parent,
+child-name) link of the module tree, so that an activation object used in two
+places is found in both; it selects by a filter that sees the module and its
+qualified name; it builds every replacement before it changes anything (a
+failure leaves the model untouched); and it maps each old object to one new
+object, so shared modules stay shared.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lambda_gelu.module import LambdaGELU
+from lambda_gelu.ops import Approximate
+
+ModuleFilter = Callable[[nn.Module, str], bool]
+
+CONVERTED_ATTR = "lambda_gelu_converted"
+"""Attribute set on the root model: the qualified names changed by the last convert/relufy."""
+
+GELU_REGISTRY: dict[type[nn.Module], Callable[[nn.Module], Approximate]] = {
+    nn.GELU: lambda module: module.approximate,  # type: ignore[return-value]
+}
+"""GELU-family module types, each mapped to a function giving its ``approximate`` form."""
+
+
+class NoMatchError(ValueError):
+    """Raised when a conversion finds no module that matches its types and patterns."""
+
+
+class FunctionalGELUWarning(UserWarning):
+    """``F.gelu`` is called inside a ``forward``; module replacement cannot reach it."""
+
+
+def register_gelu_type(
+    cls: type[nn.Module], approximate: Approximate | Callable[[nn.Module], Approximate] = "none"
+) -> None:
+    """Let :func:`convert` treat modules of type ``cls`` as GELU with the given approximation.
+
+    ``approximate`` is ``"none"``, ``"tanh"``, or a function of the module
+    instance that returns one of them.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_gelu_type expects an nn.Module subclass, got {cls!r}")
+    GELU_REGISTRY[cls] = approximate if callable(approximate) else (lambda _m, a=approximate: a)
+
+
+def gelu_approximation(module: nn.Module) -> Approximate | None:
+    """The ``approximate`` form of a GELU-family module, or None if it is not one."""
+    for cls in type(module).__mro__:
+        if cls in GELU_REGISTRY:
+            return GELU_REGISTRY[cls](module)
+    return None
+
+
+def is_gelu(module: nn.Module) -> bool:
+    """True for modules of a registered GELU-family type."""
+    return gelu_approximation(module) is not None
+
+
+@dataclass(frozen=True)
+class _Link:
+    parent: nn.Module
+    attr: str
+    name: str
+    child: nn.Module
+
+
+def _links(model: nn.Module) -> list[_Link]:
+    """Every (parent, attribute, qualified name, child) link, shared children included."""
+    links: list[_Link] = []
+    visited: set[int] = set()
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        if id(parent) in visited:
+            return
+        visited.add(id(parent))
+        for attr, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            name = f"{prefix}.{attr}" if prefix else attr
+            links.append(_Link(parent, attr, name, child))
+            visit(child, name)
+
+    visit(model, "")
+    return links
+
+
+def name_matches(name: str, patterns: Sequence[str]) -> bool:
+    """PEFT-style match: exact name, ``.``-suffix, or regex full match."""
+    for pattern in patterns:
+        if name == pattern or name.endswith("." + pattern):
+            return True
+        try:
+            if re.fullmatch(pattern, name):
+                return True
+        except re.error:
+            continue
+    return False
+
+
+def _as_patterns(patterns: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    if patterns is None:
+        return None
+    return (patterns,) if isinstance(patterns, str) else tuple(patterns)
+
+
+def replace_modules(
+    model: nn.Module,
+    select: ModuleFilter,
+    make: Callable[[nn.Module, str], nn.Module],
+) -> list[str]:
+    """Replace every child for which ``select(child, name)`` holds by ``make(child, name)``.
+
+    Replacements are all built first, then swapped in, so an exception from
+    ``make`` leaves ``model`` unchanged. A module reachable under several names
+    is replaced everywhere by one new object if any of its names is selected.
+    Does not descend into replaced modules. Returns the qualified names
+    changed, in module order. The root module itself is never replaced.
+    """
+    links = _links(model)
+    chosen: dict[int, str] = {}
+    for link in links:
+        if id(link.child) not in chosen and select(link.child, link.name):
+            chosen[id(link.child)] = link.name
+    # Skip modules nested inside a module that is itself replaced.
+    inside_replaced = {
+        link.name
+        for link in links
+        if any(link.name.startswith(chosen_name + ".") for chosen_name in chosen.values())
+    }
+    replacements: dict[int, nn.Module] = {}
+    for link in links:
+        key = id(link.child)
+        if key in chosen and key not in replacements and link.name not in inside_replaced:
+            replacements[key] = make(link.child, chosen[key])
+    changed: list[str] = []
+    for link in links:
+        new = replacements.get(id(link.child))
+        if new is not None and link.name not in inside_replaced:
+            setattr(link.parent, link.attr, new)
+            changed.append(link.name)
+    return changed
+
+
+def _selector(
+    kind: Callable[[nn.Module], bool],
+    patterns: tuple[str, ...] | None,
+    filter_fn: ModuleFilter | None,
+) -> ModuleFilter:
+    def select(module: nn.Module, name: str) -> bool:
+        return (
+            kind(module)
+            and (patterns is None or name_matches(name, patterns))
+            and (filter_fn is None or filter_fn(module, name))
+        )
+
+    return select
+
+
+def _describe(what: str, patterns: tuple[str, ...] | None, filter_fn: ModuleFilter | None) -> str:
+    conditions = []
+    if patterns is not None:
+        conditions.append(f"names matching {list(patterns)}")
+    if filter_fn is not None:
+        conditions.append(f"accepted by filter_fn {getattr(filter_fn, '__name__', filter_fn)!r}")
+    return what if not conditions else f"{what} with {' and '.join(conditions)}"
+
+
+def _run(
+    model: nn.Module,
+    source: Callable[[nn.Module], bool],
+    done: Callable[[nn.Module], bool],
+    make: Callable[[nn.Module, str], nn.Module],
+    patterns: tuple[str, ...] | None,
+    filter_fn: ModuleFilter | None,
+    what: str,
+) -> list[str]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    changed = replace_modules(model, _selector(source, patterns, filter_fn), make)
+    if not changed:
+        already = _selector(done, patterns, filter_fn)
+        if not any(already(link.child, link.name) for link in _links(model)):
+            raise NoMatchError(
+                f"no module of {type(model).__name__} matched: looked for "
+                f"{_describe(what, patterns, filter_fn)}"
+            )
+    setattr(model, CONVERTED_ATTR, tuple(changed))
+    return changed
+
+
+def convert(
+    model: nn.Module,
+    *,
+    init: float = 1.0,
+    learnable: bool = True,
+    num_channels: int | Callable[[nn.Module, str], int | None] | None = None,
+    channel_dim: int = -1,
+    patterns: str | Sequence[str] | None = None,
+    filter_fn: ModuleFilter | None = None,
+    check_functional: bool = True,
+) -> list[str]:
+    """Replace every GELU-family activation of ``model`` (in place) by :class:`LambdaGELU`.
+
+    Args:
+        model: the model to change in place.
+        init, learnable, channel_dim: passed to each new LambdaGELU.
+        num_channels: None for one λ per layer; an int, or a function of
+            (module, name) giving the channel count, for one λ per channel.
+        patterns: qualified-name patterns (exact, ``.``-suffix or regex full
+            match); only matching activations are converted.
+        filter_fn: ``filter_fn(module, name) -> bool``; only accepted ones are converted.
+        check_functional: warn (:class:`FunctionalGELUWarning`) about ``F.gelu``
+            calls inside ``forward`` methods, which module replacement cannot
+            reach; :func:`convert_fx` converts those.
+
+    Returns the qualified names changed (also stored on ``model.lambda_gelu_converted``).
+    Modules that are already LambdaGELU are skipped; if nothing matches and
+    nothing was already converted, raises :class:`NoMatchError`.
+    """
+    p = _as_patterns(patterns)
+
+    def make(module: nn.Module, name: str) -> nn.Module:
+        channels = num_channels(module, name) if callable(num_channels) else num_channels
+        new = LambdaGELU(
+            init=init,
+            learnable=learnable,
+            num_channels=channels,
+            channel_dim=channel_dim,
+            approximate=gelu_approximation(module) or "none",
+        )
+        return new.to(_device_of(model))
+
+    changed = _run(model, is_gelu, lambda m: isinstance(m, LambdaGELU), make, p, filter_fn,
+                   f"GELU-family modules {[c.__name__ for c in GELU_REGISTRY]}")
+    if check_functional:
+        calls = functional_gelu_calls(model)
+        if calls:
+            warnings.warn(
+                f"{len(calls)} functional GELU call(s) not converted (module replacement cannot "
+                f"reach them): {', '.join(calls[:5])}; use lambda_gelu.convert_fx(model)",
+                FunctionalGELUWarning,
+                stacklevel=2,
+            )
+    return changed
+
+
+def relufy(
+    model: nn.Module,
+    *,
+    patterns: str | Sequence[str] | None = None,
+    filter_fn: ModuleFilter | None = None,
+    include_gelu: bool = False,
+) -> list[str]:
+    """Replace every :class:`LambdaGELU` of ``model`` (in place) by ``nn.ReLU``.
+
+    With ``include_gelu=True`` GELU-family modules are swapped too (the
+    "direct swap" baseline). Selection, return value and errors as for
+    :func:`convert`; modules that are already ``nn.ReLU`` are skipped.
+    """
+    p = _as_patterns(patterns)
+
+    def source(module: nn.Module) -> bool:
+        return isinstance(module, LambdaGELU) or (include_gelu and is_gelu(module))
+
+    what = "LambdaGELU modules" + (" and GELU-family modules" if include_gelu else "")
+    return _run(model, source, lambda m: isinstance(m, nn.ReLU), lambda m, n: nn.ReLU(), p,
+                filter_fn, what)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+_FUNCTIONAL_GELU = (torch.nn.functional.gelu, torch._C._nn.gelu)
+_GELU_CALL = re.compile(r"\.gelu\s*\(")
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx tracer that keeps LambdaGELU and GELU-family modules as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, LambdaGELU) or is_gelu(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace(model: nn.Module) -> torch.fx.GraphModule:
+    return torch.fx.GraphModule(model, _Tracer().trace(model))
+
+
+def functional_gelu_calls(model: nn.Module) -> list[str]:
+    """Where ``F.gelu`` is called inside a ``forward`` of ``model``.
+
+    Uses ``torch.fx`` tracing when the model traces (exact: the graph nodes);
+    otherwise scans the source of each user-defined module class's ``forward``
+    for a ``.gelu(`` call (a textual check that names the class).
+    """
+    try:
+        graph = _trace(model).graph
+    except Exception:  # untraceable models: fall back to reading the source
+        found = []
+        for cls in _user_module_classes(model):
+            try:
+                source = inspect.getsource(cls.forward)
+            except (OSError, TypeError):
+                continue
+            if _GELU_CALL.search(source):
+                found.append(f"{cls.__qualname__}.forward")
+        return found
+    return [node.name for node in graph.nodes if _is_functional_gelu(node)]
+
+
+def _user_module_classes(model: nn.Module) -> list[type]:
+    """Distinct classes of ``model``'s modules, minus torch.nn's own and the GELU family."""
+    seen: dict[type, None] = {}
+    for module in model.modules():
+        cls = type(module)
+        if cls.__module__.startswith("torch.") or isinstance(module, LambdaGELU) or is_gelu(module):
+            continue
+        seen.setdefault(cls, None)
+    return list(seen)
+
+
+def _is_functional_gelu(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _FUNCTIONAL_GELU
+
+
+def convert_fx(
+    model: nn.Module, *, init: float = 1.0, learnable: bool = True
+) -> tuple[torch.fx.GraphModule, list[str]]:
+    """Trace ``model`` with torch.fx and replace functional GELU calls by LambdaGELU submodules.
+
+    Returns a new ``GraphModule`` (the input is not changed) and the names of
+    the new submodules (``lambda_gelu_0``, ...). GELU-family modules inside the
+    traced model are converted too. Raises :class:`NoMatchError` if the graph
+    holds no GELU, and lets torch.fx's error through if the model cannot be
+    traced.
+    """
+    graph_module = _trace(model)
+    names: list[str] = []
+    for node in list(graph_module.graph.nodes):
+        if not _is_functional_gelu(node):
+            continue
+        approximate = node.kwargs.get("approximate", "none")
+        if len(node.args) > 1:
+            approximate = node.args[1]
+        name = f"lambda_gelu_{len(names)}"
+        graph_module.add_submodule(
+            name, LambdaGELU(init=init, learnable=learnable, approximate=approximate).to(_device_of(model))
+        )
+        with graph_module.graph.inserting_after(node):
+            new_node = graph_module.graph.call_module(name, args=(node.args[0],))
+        node.replace_all_uses_with(new_node)
+        graph_module.graph.erase_node(node)
+        names.append(name)
+    graph_module.recompile()
+    try:
+        names += convert(graph_module, init=init, learnable=learnable, check_functional=False)
+    except NoMatchError:
+        if not names:
+            raise NoMatchError(
+                f"{type(model).__name__} holds no GELU: neither a functional call nor a "
+                f"GELU-family module"
+            ) from None
+    return graph_module, names

@@ -1,0 +1,47 @@
+"""Writing results without losing what is already on disk."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class OutputExistsError(FileExistsError):
+    """The output path exists and overwriting was not asked for."""
+
+
+def check_writable(path: str | Path, force: bool) -> Path:
+    """Refuse an existing ``path`` unless ``force``; make sure its parent can be created."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} already exists; pass --force to replace it")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise OutputExistsError(f"{path.parent} is not a directory")
+    return path
+
+
+@contextmanager
+def staged_dir(final: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``final`` that replaces it only once the block succeeds.
+
+    If the block raises, the temporary folder is removed and ``final`` (if it
+    existed) is untouched. An existing ``final`` is replaced only with ``force``.
+    """
+    final = check_writable(final, force)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        final.rename(old / final.name)
+    stage.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
