@@ -4,6 +4,7 @@ from lambda_gelu.calibrate import DEFAULT_TAU, calibrate, discrepancy, layer_tar
 from lambda_gelu.convert import (
     FunctionalGELUWarning,
     NoMatchError,
+    channel_counts,
     convert,
     convert_fx,
     functional_gelu_calls,
@@ -32,6 +33,7 @@ __all__ = [
     "NoMatchError",
     "__version__",
     "calibrate",
+    "channel_counts",
     "convert",
     "convert_fx",
     "discrepancy",

@@ -159,8 +159,8 @@ def target_lambda(
     """Smallest λ in [1, lam_max] with D(λ) <= ``tau``, by bisection in log λ.
 
     ``values`` is (n,) or (n, C); the result is a scalar or one λ* per channel
-    (float64). Where even ``lam_max`` misses ``tau`` (all-zero inputs), the
-    result is ``lam_max``.
+    (float64). Where even ``lam_max`` misses ``tau`` (inputs of a tiny spread),
+    the result is ``lam_max``.
     """
     if not 0.0 < tau < 1.0:
         raise ValueError(f"tau must be in (0, 1), got {tau}")
@@ -175,7 +175,7 @@ def target_lambda(
         ok = discrepancy(values, mid.exp(), approximate) <= tau
         hi = torch.where(ok, mid, hi)
         lo = torch.where(ok, lo, mid)
-    return torch.where(meets_at_one, torch.ones_like(hi), hi.exp())
+    return torch.where(meets_at_one, torch.ones_like(hi), hi.exp().clamp(max=lam_max))
 
 
 def layer_targets(

@@ -13,7 +13,7 @@ import torch
 
 from lambda_gelu.calibrate import calibrate
 from lambda_gelu.checkpoint import load_checkpoint, save_checkpoint
-from lambda_gelu.convert import convert
+from lambda_gelu.convert import channel_counts, convert
 from lambda_gelu.data import DATASETS, Split, load_dataset
 from lambda_gelu.metrics import disruption, evaluate
 from lambda_gelu.models import ACTIVATIONS, MODELS, build_model
@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", choices=sorted(MODELS), default="mlp")
     train.add_argument("--hidden", type=_widths, default=(128, 128, 128))
     train.add_argument("--activation", choices=sorted(ACTIVATIONS), default="lambda_gelu")
+    train.add_argument("--per-channel", action="store_true", help="one λ per channel instead of per layer")
     train.add_argument("--steps", type=_positive_int, default=3000)
     train.add_argument("--lr", type=_positive_float, default=3e-3)
     train.add_argument("--weight-decay", type=float, default=0.1)
@@ -190,8 +191,11 @@ def _cmd_train(args: argparse.Namespace, command: str) -> int:
     torch.manual_seed(args.seed)
     learned = args.activation == "lambda_gelu"
     model = build_model(args.model, **kwargs, activation="gelu" if learned else args.activation)
-    if learned:
-        convert(model)  # the same initial weights as the GELU model of this seed
+    if args.per_channel and not learned:
+        raise UsageError("--per-channel needs --activation lambda_gelu")
+    if learned:  # the same initial weights as the GELU model of this seed
+        channels = channel_counts(model, split.x_train[:2]) if args.per_channel else None
+        convert(model, num_channels=channels)
     config = TrainConfig(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, hardness_lr=args.hardness_lr,
                          optimizer=args.optimizer, batch_size=args.batch_size, seed=args.seed)
     recorder = HardnessRecorder(model, every=args.record_every) if args.record else None

@@ -204,7 +204,7 @@ def convert(
     *,
     init: float = 1.0,
     learnable: bool = True,
-    num_channels: int | Callable[[nn.Module, str], int | None] | None = None,
+    num_channels: int | dict[str, int] | Callable[[nn.Module, str], int | None] | None = None,
     channel_dim: int = -1,
     patterns: str | Sequence[str] | None = None,
     filter_fn: ModuleFilter | None = None,
@@ -215,8 +215,9 @@ def convert(
     Args:
         model: the model to change in place.
         init, learnable, channel_dim: passed to each new LambdaGELU.
-        num_channels: None for one λ per layer; an int, or a function of
-            (module, name) giving the channel count, for one λ per channel.
+        num_channels: None for one λ per layer; for one λ per channel, an int,
+            a dict from qualified name to channel count (see
+            :func:`channel_counts`), or a function of (module, name).
         patterns: qualified-name patterns (exact, ``.``-suffix or regex full
             match); only matching activations are converted.
         filter_fn: ``filter_fn(module, name) -> bool``; only accepted ones are converted.
@@ -231,7 +232,12 @@ def convert(
     p = _as_patterns(patterns)
 
     def make(module: nn.Module, name: str) -> nn.Module:
-        channels = num_channels(module, name) if callable(num_channels) else num_channels
+        if isinstance(num_channels, dict):
+            if name not in num_channels:
+                raise ValueError(f"num_channels has no entry for {name!r}")
+            channels = num_channels[name]
+        else:
+            channels = num_channels(module, name) if callable(num_channels) else num_channels
         new = LambdaGELU(
             init=init,
             learnable=learnable,
@@ -253,6 +259,32 @@ def convert(
                 stacklevel=2,
             )
     return changed
+
+
+@torch.no_grad()
+def channel_counts(model: nn.Module, example: torch.Tensor, channel_dim: int = -1) -> dict[str, int]:
+    """Size of ``channel_dim`` of each GELU-family layer's input, from one forward pass on ``example``.
+
+    For per-channel conversion:
+    ``convert(model, num_channels=channel_counts(model, x), channel_dim=-1)``.
+    """
+    counts: dict[str, int] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if is_gelu(module):
+            def hook(_m: nn.Module, inputs: tuple[torch.Tensor, ...], _out: object, name: str = name) -> None:
+                counts.setdefault(name, int(inputs[0].shape[channel_dim]))
+
+            handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        model(example)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return counts
 
 
 def relufy(

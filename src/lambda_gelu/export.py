@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,19 +46,26 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset
     model = model.eval()
     tmp = path.with_name(f".{path.name}.tmp")
     batch = torch.export.Dim("batch", min=1)
-    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
-        torch.onnx.export(
-            model,
-            (example,),
-            str(tmp),
-            dynamo=True,
-            opset_version=opset,
-            external_data=False,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_shapes=({0: batch},),
-            verbose=False,
-        )
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)  # the exporter logs unrelated notes (e.g. torchvision ops it skips)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.onnx.export(
+                model,
+                (example,),
+                str(tmp),
+                dynamo=True,
+                opset_version=opset,
+                external_data=False,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_shapes=({0: batch},),
+                verbose=False,
+            )
+    finally:
+        exporter_log.setLevel(level)
     os.replace(tmp, path)
     return path
 

@@ -5,7 +5,7 @@ The scheme (argued in docs/method.md):
 1. The hardness parameters ρ = log(λ − 1) get a group of their own: no weight
    decay, their own learning rate ``hardness_lr``.
 2. Before every step of an optimizer that holds such a group, each ρ's gradient
-   is divided by its own running RMS (an EMA of g², bias-corrected). ∂L/∂ρ
+   is divided by its own running RMS (an EMA of g², β = 0.9, bias-corrected). ∂L/∂ρ
    spans many orders of magnitude (it scales like λ⁻², like 1/σ for inputs of
    spread σ, and like λ − 1 near λ = 1); after this it is a unit-scale signal,
    so neither SGD (whose step is proportional to the gradient) nor Adam (whose
@@ -13,9 +13,9 @@ The scheme (argued in docs/method.md):
 3. The host optimizer's family is detected at the step: under SGD with
    momentum μ (and dampening d) the normalized gradient is scaled by
    (1 − μ)/(1 − d), so that the steady-state step equals ``hardness_lr`` as it
-   does under Adam/AdamW. Either way a consistent signal moves ρ by about
-   ``hardness_lr`` per step, i.e. changes λ − 1 by a factor e^hardness_lr, and
-   a noisy one is averaged by the optimizer's momentum instead of amplified.
+   does under Adam/AdamW. Either way a consistent signal moves ρ by 0.6 to 1
+   times ``hardness_lr`` per step, however large λ already is, and a noisy one
+   is averaged by the optimizer's momentum instead of amplified.
 4. After every step ρ is projected into [log 1e-4, log(1e6 − 1)], so a layer
    that keeps asking for softer gates rests at λ = 1 + 1e-4 instead of
    drifting toward ρ = −∞, from where it could never come back.
@@ -44,7 +44,7 @@ from lambda_gelu.module import RAW_KEY, RAW_MAX, RAW_MIN, LambdaGELU
 GROUP_KEY = "lambda_gelu"
 GROUP_HARDNESS = "hardness"
 DEFAULT_HARDNESS_LR = 0.02
-DEFAULT_RMS_BETA = 0.99
+DEFAULT_RMS_BETA = 0.9
 _RMS_EPS = 1e-30
 
 ADAPTIVE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
@@ -100,7 +100,14 @@ def param_groups(
         opt = torch.optim.AdamW(param_groups(model, lr=1e-3, weight_decay=0.05))
 
     ``hardness_lr`` is the size of a step in log(λ − 1): 0.02 lets a consistent
-    signal change λ − 1 by 2% per step, under SGD and Adam alike.
+    signal change λ − 1 by up to 2% per step, under SGD and Adam alike.
+
+    ``rms_beta`` is the memory of the running RMS. While λ keeps hardening,
+    |∂L/∂ρ| shrinks by about e^(−2·step) per step, and an RMS that remembers
+    too long over-estimates it: the normalized step then settles at a fraction
+    of ``hardness_lr``. Keep −ln(rms_beta) well above 4·``hardness_lr``; the
+    default 0.9 keeps 0.6–0.7 of ``hardness_lr`` in sustained hardening at 0.02
+    (benchmarks/lambda_steps.py).
     """
     if lr <= 0 or weight_decay < 0:
         raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")

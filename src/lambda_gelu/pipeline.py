@@ -12,6 +12,7 @@ from torch import nn
 from lambda_gelu.calibrate import DEFAULT_TAU, calibrate, layer_targets
 from lambda_gelu.convert import relufy
 from lambda_gelu.data import Split
+from lambda_gelu.module import LambdaGELU
 from lambda_gelu.schedule import SHAPES, Hardener
 from lambda_gelu.train import TrainConfig, fit
 
@@ -83,6 +84,8 @@ def harden(model: nn.Module, split: Split, config: HardenConfig, progress: bool 
     then trains the weights for ``config.steps`` steps while λ follows the
     schedule. Call :func:`lambda_gelu.relufy` afterwards to swap in ReLU.
     """
+    if not any(isinstance(m, LambdaGELU) for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} has no LambdaGELU layer to harden; convert it first")
     batches = calibration_batches(split, config)
 
     def retarget() -> dict[str, torch.Tensor]:

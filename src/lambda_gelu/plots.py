@@ -75,7 +75,8 @@ def plot_gates(model: nn.Module, samples: dict[str, torch.Tensor], path: str | P
         span = max(hi - lo, 1e-6)
         xs = torch.linspace(lo - 0.05 * span, hi + 0.05 * span, 400)
         lam = layer_lambda(layers[name]).float().mean()
-        ax.hist(values.clamp(xs[0], xs[-1]).numpy(), bins=60, color="lightgray", density=True)
+        shown = values[(values >= xs[0]) & (values <= xs[-1])]  # the central 99%, tails dropped
+        ax.hist(shown.numpy(), bins=60, color="lightgray", density=True)
         ax.set_yticks([])
         curve = ax.twinx()
         curve.plot(xs, torch.relu(xs), color="black", lw=1, ls="--", label="ReLU")

@@ -46,9 +46,14 @@ def lambda_at(
     if isinstance(start, torch.Tensor) or isinstance(target, torch.Tensor):
         start_t = torch.as_tensor(start, dtype=torch.float64)
         target_t = torch.as_tensor(target, dtype=torch.float64)
+        shape = torch.broadcast_shapes(start_t.shape, target_t.shape)
+        if w == 0.0:
+            return start_t.expand(shape).clone()
         if w == 1.0:
-            return target_t.expand(torch.broadcast_shapes(start_t.shape, target_t.shape)).clone()
+            return target_t.expand(shape).clone()
         return torch.exp(torch.log(start_t) + w * (torch.log(target_t) - torch.log(start_t)))
+    if w == 0.0:
+        return float(start)
     if w == 1.0:
         return float(target)
     return math.exp(math.log(start) + w * (math.log(target) - math.log(start)))
