@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -21,7 +22,10 @@ from lambda_gelu.calibrate import (
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Accuracy in percent and mean cross-entropy of a classifier on a data set."""
+    """Accuracy in percent and mean cross-entropy (nats) of a classifier on a data set.
+
+    For a language model, rows are tokens: ``loss / ln 2`` is bits per character.
+    """
 
     accuracy: float
     loss: float
@@ -34,7 +38,10 @@ def _device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def predict(model: nn.Module, batches: Iterable[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack the model's logits and the targets over ``(input, target)`` batches (eval mode)."""
+    """The model's logits as (N, C) and the targets as (N,) over ``(input, target)`` batches (eval mode).
+
+    Sequence outputs (B, T, C) with targets (B, T) are flattened to one row per token.
+    """
     was_training = model.training
     model.eval()
     device = _device(model)
@@ -47,7 +54,8 @@ def predict(model: nn.Module, batches: Iterable[Any]) -> tuple[torch.Tensor, tor
         model.train(was_training)
     if not logits:
         raise ValueError("no batches to evaluate on")
-    return torch.cat(logits), torch.cat(targets)
+    logits_all, targets_all = torch.cat(logits), torch.cat(targets)
+    return logits_all.reshape(-1, logits_all.shape[-1]), targets_all.reshape(-1)
 
 
 def evaluate(model: nn.Module, batches: Iterable[Any]) -> Evaluation:
@@ -58,6 +66,11 @@ def evaluate(model: nn.Module, batches: Iterable[Any]) -> Evaluation:
         loss=float(F.cross_entropy(logits, targets)),
         count=int(targets.numel()),
     )
+
+
+def bits_per_token(evaluation: Evaluation) -> float:
+    """Cross-entropy in bits (bits per character for a character-level model)."""
+    return evaluation.loss / math.log(2.0)
 
 
 @dataclass(frozen=True)

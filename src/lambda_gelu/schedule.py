@@ -62,11 +62,15 @@ def lambda_at(
 def distillation_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
-    """KL(teacher ‖ student) on softened class distributions, scaled by T² (Hinton et al.)."""
+    """KL(teacher ‖ student) on softened class distributions (last dim), scaled by T² (Hinton et al.).
+
+    Averaged over every row of the leading dims (examples, or tokens of a sequence).
+    """
     t = temperature
+    classes = student_logits.shape[-1]
     return F.kl_div(
-        F.log_softmax(student_logits / t, dim=-1),
-        F.log_softmax(teacher_logits / t, dim=-1),
+        F.log_softmax(student_logits.reshape(-1, classes) / t, dim=-1),
+        F.log_softmax(teacher_logits.reshape(-1, classes) / t, dim=-1),
         log_target=True,
         reduction="batchmean",
     ) * (t * t)

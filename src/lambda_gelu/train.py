@@ -119,7 +119,7 @@ def fit(
         x, y = next(batches)
         x, y = x.to(device), y.to(device)
         logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))  # (B, C) or (B, T, C)
         if distill_weight:
             loss = (1.0 - distill_weight) * loss + distill_weight * hardener.distillation_loss(logits, x)
         if not torch.isfinite(loss):
