@@ -7,24 +7,25 @@ import json
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 import lambda_gelu
 from lambda_gelu.calibrate import calibrate
 from lambda_gelu.checkpoint import save_checkpoint
 from lambda_gelu.convert import convert
-from lambda_gelu.data import load_dataset
+from lambda_gelu.data import Split, load_dataset
 from lambda_gelu.export import check_onnx, export_onnx
-from lambda_gelu.metrics import Disruption, disruption, evaluate
+from lambda_gelu.metrics import Disruption, Evaluation, disruption, evaluate
 from lambda_gelu.models import build_model
 from lambda_gelu.outputs import staged_dir
 from lambda_gelu.pipeline import HardenConfig, harden, relu_copy
 from lambda_gelu.plots import plot_gates, plot_profile, plot_trajectories
-from lambda_gelu.profile import HardnessRecorder, hardness, profile_table
+from lambda_gelu.profile import HardnessRecorder, LayerHardness, hardness, profile_table
 from lambda_gelu.schedule import Hardener
 from lambda_gelu.train import TrainConfig, fit
 
@@ -93,6 +94,84 @@ def _layer_table(d: Disruption) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class _Run:
+    """What every phase of one demo run needs."""
+
+    config: DemoConfig
+    stage: Path
+    split: Split
+    progress: bool
+
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        return {
+            "in_features": int(self.split.x_train[0].numel()),
+            "num_classes": self.split.num_classes,
+            "hidden": list(self.config.hidden),
+        }
+
+    def say(self, message: str) -> None:
+        if self.progress:
+            print(message, file=sys.stderr)
+
+    def save(self, name: str, model: nn.Module) -> None:
+        meta = {"dataset": self.config.dataset, "data_seed": self.config.seed}
+        save_checkpoint(self.stage / "checkpoints" / f"{name}.safetensors", model, "mlp", self.model_kwargs, meta)
+
+
+def _train_pair(run: _Run) -> tuple[nn.Module, nn.Module, HardnessRecorder]:
+    """Phase 1: a GELU baseline and a λ-GELU model with the same architecture and initial weights."""
+    train_cfg = replace(run.config.train, seed=run.config.seed)
+    torch.manual_seed(run.config.seed)
+    gelu_model = build_model("mlp", **run.model_kwargs)
+    lam_model = copy.deepcopy(gelu_model)
+    convert(lam_model)
+    run.say(f"[1/5] training the GELU baseline and the λ-GELU model ({train_cfg.steps} steps each)")
+    fit(gelu_model, run.split, train_cfg, desc="GELU", progress=run.progress)
+    recorder = HardnessRecorder(lam_model, every=max(1, train_cfg.steps // 200))
+    recorder.record(0, force=True)
+    fit(lam_model, run.split, train_cfg, recorder=recorder, desc="λ-GELU", progress=run.progress)
+    run.save("gelu", gelu_model)
+    run.save("lambda_gelu", lam_model)
+    return gelu_model, lam_model, recorder
+
+
+def _profile(run: _Run, lam_model: nn.Module, recorder: HardnessRecorder) -> list[LayerHardness]:
+    """Phase 2: the learned hardness profile, its trajectory and plots."""
+    run.say("[2/5] hardness profile")
+    samples = calibrate(lam_model, run.split.train_batches())
+    profile = hardness(lam_model, samples)
+    recorder.to_csv(run.stage / "hardness_trajectory.csv")
+    plot_profile(profile, run.stage / "plots/profile.png")
+    plot_trajectories(recorder, run.stage / "plots/trajectories.png")
+    plot_gates(lam_model, samples, run.stage / "plots/gates_learned.png")
+    return profile
+
+
+def _relufy(run: _Run, lam_model: nn.Module) -> tuple[nn.Module, Hardener, Disruption]:
+    """Phase 3: deterministic ReLU-ization of a copy of the λ-GELU model; returns the ReLU model."""
+    harden_cfg = run.config.harden
+    run.say(f"[3/5] ReLU-izing: λ → targets (τ = {harden_cfg.tau:g}) over {harden_cfg.steps} steps")
+    hardened = copy.deepcopy(lam_model)
+    hardener = harden(hardened, run.split, harden_cfg, progress=run.progress)
+    relu_model = relu_copy(hardened)
+    swap = disruption(hardened, relu_model, run.split.test_batches())
+    plot_gates(hardened, calibrate(hardened, run.split.train_batches()), run.stage / "plots/gates_hardened.png")
+    run.save("hardened", hardened)
+    run.save("relu", relu_model)
+    return relu_model, hardener, swap
+
+
+def _baselines(run: _Run, gelu_model: nn.Module) -> tuple[Disruption, Evaluation]:
+    """Phase 4: direct swap of the GELU model, and the swap fine-tuned for as many steps as the hardening."""
+    run.say("[4/5] baselines: direct swap, swap + fine-tuning (same steps)")
+    swapped = relu_copy(gelu_model, include_gelu=True)
+    direct = disruption(gelu_model, swapped, run.split.test_batches())
+    fit(swapped, run.split, run.config.harden.train_config(), desc="swap+FT", progress=run.progress)
+    return direct, evaluate(swapped, run.split.test_batches())
+
+
 def run_demo(
     out: str | Path,
     config: DemoConfig | None = None,
@@ -108,76 +187,32 @@ def run_demo(
     """
     config = config or DemoConfig()
     started = time.time()
-    say = (lambda *a: print(*a, file=sys.stderr)) if progress else (lambda *a: None)
     with staged_dir(out, force=force) as stage:
         (stage / "checkpoints").mkdir()
         (stage / "plots").mkdir()
         split = load_dataset(config.dataset, config.data_dir, seed=config.seed)
+        run = _Run(config, stage, split, progress)
         test = split.test_batches()
-        model_kwargs = {
-            "in_features": int(split.x_train[0].numel()),
-            "num_classes": split.num_classes,
-            "hidden": list(config.hidden),
-        }
-        run_meta = {"dataset": config.dataset, "data_seed": config.seed}
-        train_cfg = copy.deepcopy(config.train)
-        train_cfg.seed = config.seed
 
-        # 1. GELU baseline and λ-GELU, same architecture and initial weights
-        torch.manual_seed(config.seed)
-        gelu_model = build_model("mlp", **model_kwargs)
-        lam_model = copy.deepcopy(gelu_model)
-        convert(lam_model)
-        say(f"[1/5] training the GELU baseline and the λ-GELU model ({train_cfg.steps} steps each)")
-        fit(gelu_model, split, train_cfg, desc="GELU", progress=progress)
-        recorder = HardnessRecorder(lam_model, every=max(1, train_cfg.steps // 200))
-        recorder.record(0, force=True)
-        fit(lam_model, split, train_cfg, recorder=recorder, desc="λ-GELU", progress=progress)
+        gelu_model, lam_model, recorder = _train_pair(run)
+        profile = _profile(run, lam_model, recorder)
+        relu_model, hardener, ours = _relufy(run, lam_model)
+        direct, tuned = _baselines(run, gelu_model)
         gelu_eval, lam_eval = evaluate(gelu_model, test), evaluate(lam_model, test)
-        save_checkpoint(stage / "checkpoints/gelu.safetensors", gelu_model, "mlp", model_kwargs, run_meta)
-        save_checkpoint(stage / "checkpoints/lambda_gelu.safetensors", lam_model, "mlp", model_kwargs, run_meta)
-
-        # 2. the learned hardness profile
-        say("[2/5] hardness profile")
-        samples = calibrate(lam_model, split.train_batches())
-        profile = hardness(lam_model, samples)
-        recorder.to_csv(stage / "hardness_trajectory.csv")
-        plot_profile(profile, stage / "plots/profile.png")
-        plot_trajectories(recorder, stage / "plots/trajectories.png")
-        plot_gates(lam_model, samples, stage / "plots/gates_learned.png")
-
-        # 3. deterministic ReLU-ization of the λ-GELU model
-        say(f"[3/5] ReLU-izing: λ → targets (τ = {config.harden.tau:g}) over {config.harden.steps} steps")
-        hardened = copy.deepcopy(lam_model)
-        hardener: Hardener = harden(hardened, split, config.harden, progress=progress)
-        relu_model = relu_copy(hardened)
-        ours = disruption(hardened, relu_model, test)
-        plot_gates(hardened, calibrate(hardened, split.train_batches()), stage / "plots/gates_hardened.png")
-        save_checkpoint(stage / "checkpoints/hardened.safetensors", hardened, "mlp", model_kwargs, run_meta)
-        save_checkpoint(stage / "checkpoints/relu.safetensors", relu_model, "mlp", model_kwargs, run_meta)
-
-        # 4. baselines at the same budget
-        say("[4/5] baselines: direct swap, swap + fine-tuning (same steps)")
-        swapped = relu_copy(gelu_model, include_gelu=True)
-        direct = disruption(gelu_model, swapped, test)
-        fine_tuned = copy.deepcopy(swapped)
-        fit(fine_tuned, split, config.harden.train_config(), desc="swap+FT", progress=progress)
-        ft_eval = evaluate(fine_tuned, test)
         relu_eval = evaluate(relu_model, test)
         budget = f"{config.harden.steps}"
         rows = [
             Row("GELU baseline (no swap)", gelu_eval.accuracy, None, gelu_eval.accuracy, gelu_eval.loss, "0"),
             Row("direct swap GELU → ReLU", direct.accuracy_before, direct.accuracy_after, direct.accuracy_after,
                 direct.loss_after, "0"),
-            Row("swap + fine-tuning", direct.accuracy_before, direct.accuracy_after, ft_eval.accuracy,
-                ft_eval.loss, budget),
+            Row("swap + fine-tuning", direct.accuracy_before, direct.accuracy_after, tuned.accuracy,
+                tuned.loss, budget),
             Row("lambda-gelu ReLU-ization", ours.accuracy_before, ours.accuracy_after, relu_eval.accuracy,
                 relu_eval.loss, budget),
         ]
         table = comparison_table(rows, gelu_eval.accuracy)
 
-        # 5. ONNX export of the final ReLU model
-        say("[5/5] exporting the ReLU model to ONNX and checking it with onnxruntime")
+        run.say("[5/5] exporting the ReLU model to ONNX and checking it with onnxruntime")
         export_onnx(relu_model, split.x_test[:2], stage / "model.onnx")
         onnx_report = check_onnx(relu_model, split.x_test, stage / "model.onnx")
 
