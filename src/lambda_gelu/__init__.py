@@ -12,6 +12,8 @@ from lambda_gelu.convert import (
     relufy,
     replace_modules,
 )
+from lambda_gelu.fold import FoldReport, fold_lambda
+from lambda_gelu.kernels import compile_status, set_compile_mode
 from lambda_gelu.metrics import Disruption, Evaluation, disruption, evaluate
 from lambda_gelu.module import LambdaGELU
 from lambda_gelu.ops import lambda_gelu
@@ -25,6 +27,7 @@ __all__ = [
     "DEFAULT_TAU",
     "Disruption",
     "Evaluation",
+    "FoldReport",
     "FunctionalGELUWarning",
     "Hardener",
     "HardnessRecorder",
@@ -34,11 +37,13 @@ __all__ = [
     "__version__",
     "calibrate",
     "channel_counts",
+    "compile_status",
     "convert",
     "convert_fx",
     "discrepancy",
     "disruption",
     "evaluate",
+    "fold_lambda",
     "functional_gelu_calls",
     "hardness",
     "lambda_at",
@@ -48,5 +53,6 @@ __all__ = [
     "register_gelu_type",
     "relufy",
     "replace_modules",
+    "set_compile_mode",
     "target_lambda",
 ]

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lambda_gelu import distributed
 from lambda_gelu.convert import gelu_approximation, is_gelu
 from lambda_gelu.module import LAMBDA_MAX, LambdaGELU
 from lambda_gelu.ops import _TANH_A, _TANH_C
@@ -72,6 +73,7 @@ def calibrate(
     max_values: int = DEFAULT_MAX_VALUES,
     max_batches: int | None = None,
     seed: int = 0,
+    gather: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Collect each activation layer's pre-activations over ``batches``.
 
@@ -82,11 +84,17 @@ def calibrate(
     tuples. The model runs in eval mode and is restored to its mode after.
 
     Returns ``{layer name: samples}``, samples of shape (n,) or (n, C).
+
+    Under torch.distributed (``gather`` None means: when a process group of
+    more than one process is active) every rank passes its own batches, and
+    the ranks' reservoirs are gathered and merged by the same smallest-key rule,
+    so every rank returns the same samples (all ranks must call this together).
     """
+    gather = distributed.is_active() if gather is None else gather
     layers = activation_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LambdaGELU or GELU layer to calibrate")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed + (1_000_003 * distributed.rank() if gather else 0))
     kept: dict[str, torch.Tensor] = {}
     keys: dict[str, torch.Tensor] = {}
 
@@ -117,10 +125,31 @@ def calibrate(
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    if gather:
+        kept = _merge_reservoirs(list(layers), kept, keys, max_values)
     missing = [name for name in layers if name not in kept]
     if missing:
         raise ValueError(f"no data reached layer(s) {missing}: is the loader empty?")
     return kept
+
+
+def _merge_reservoirs(
+    names: list[str], kept: dict[str, torch.Tensor], keys: dict[str, torch.Tensor], max_values: int
+) -> dict[str, torch.Tensor]:
+    """Every rank's reservoir, gathered in rank order and cut to capacity by the smallest keys (same on all ranks)."""
+    everything = distributed.gather_objects({name: (kept[name], keys[name]) for name in kept})
+    merged: dict[str, torch.Tensor] = {}
+    for name in names:
+        parts = [ranks[name] for ranks in everything if name in ranks]
+        if not parts:
+            continue
+        rows = torch.cat([rows for rows, _ in parts])
+        all_keys = torch.cat([k for _, k in parts])
+        capacity = max(1, max_values // (rows.shape[1] if rows.ndim == 2 else 1))
+        if rows.shape[0] > capacity:
+            rows = rows[all_keys.topk(capacity, largest=False).indices]
+        merged[name] = rows
+    return merged
 
 
 def gap_to_relu(x: torch.Tensor, lam: torch.Tensor | float, approximate: str = "none") -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import nn
 
 from lambda_gelu.convert import gelu_approximation, replace_modules
 from lambda_gelu.models import build_model
-from lambda_gelu.module import LambdaGELU
+from lambda_gelu.module import RAW_KEY, RAW_MAX, LambdaGELU
 
 FORMAT_VERSION = 1
 METADATA_KEY = "lambda_gelu"
@@ -94,14 +94,39 @@ def save_checkpoint(
         "metadata": metadata or {},
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return write_safetensors(path, tensors, {METADATA_KEY: json.dumps(header)})
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Flush a folder's entries (a rename inside it) to disk, where the OS allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write a safetensors file atomically: temporary file in the same folder, fsync, rename, fsync the folder.
+
+    A crash at any point leaves either the old file or the new one at ``path``,
+    never a mixture; the temporary file is removed if the write fails.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(header)})
+        save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -147,20 +172,40 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         apply_layout(model, header["layout"])
     except (TypeError, ValueError, KeyError) as error:
         raise CheckpointError(f"{path}: cannot rebuild the model ({error})") from None
+    check_weights(path, model, tensors)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: {str(error).splitlines()[-1].strip()}") from None
+    return model.to(device).eval(), header
+
+
+def check_weights(path: str | Path, model: nn.Module, tensors: dict[str, torch.Tensor], finite: bool = False) -> None:
+    """Raise CheckpointError (naming ``path`` and the tensor) unless ``tensors`` fit ``model`` exactly.
+
+    Checks: no missing or unexpected tensor, every shape, every λ finite and in
+    [1, 1e6] (λ = 1 + exp(ρ) is below 1 for no finite ρ), and with ``finite``
+    every floating-point tensor finite. Nothing is loaded.
+    """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
-            f"{path}: does not fit {header['model']}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            f"{path}: does not fit {type(model).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     for key, value in expected.items():
         if tensors[key].shape != value.shape:
             raise CheckpointError(
                 f"{path}: {key} has shape {tuple(tensors[key].shape)}, the model needs {tuple(value.shape)}"
             )
-    try:
-        model.load_state_dict(tensors)
-    except RuntimeError as error:
-        raise CheckpointError(f"{path}: {str(error).splitlines()[-1].strip()}") from None
-    return model.to(device).eval(), header
+    for name, module in model.named_modules():
+        if isinstance(module, LambdaGELU):
+            key = f"{name}.{RAW_KEY}" if name else RAW_KEY
+            raw = tensors[key]
+            if not raw.is_floating_point() or not bool(torch.isfinite(raw).all()) or bool((raw > RAW_MAX).any()):
+                raise CheckpointError(f"{path}: layer {name or '<root>'}: λ would be non-finite (or above 1e6)")
+    if finite:
+        for key, value in tensors.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise CheckpointError(f"{path}: {key} holds non-finite values")

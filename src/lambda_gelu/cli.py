@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 
+from lambda_gelu import distributed
 from lambda_gelu.calibrate import calibrate
 from lambda_gelu.checkpoint import load_checkpoint, save_checkpoint
 from lambda_gelu.convert import channel_counts, convert
 from lambda_gelu.data import DATASETS, Split, load_dataset
 from lambda_gelu.metrics import disruption, evaluate
-from lambda_gelu.models import ACTIVATIONS, MODELS, build_model
+from lambda_gelu.models import ACTIVATIONS, MODELS, build_model, model_kwargs_for
 from lambda_gelu.outputs import check_writable, staged_dir
 from lambda_gelu.pipeline import HardenConfig, harden, relu_copy
 from lambda_gelu.profile import HardnessRecorder, hardness, profile_table
+from lambda_gelu.resume import Checkpointer, TrainingInterrupted, graceful_stop, open_run_state
 from lambda_gelu.schedule import SHAPES
-from lambda_gelu.train import OPTIMIZERS, TrainConfig, fit
+from lambda_gelu.train import OPTIMIZERS, FitStats, NonFiniteError, TrainConfig, fit
 
 EXIT_USAGE = 2
 
@@ -95,6 +99,25 @@ def _add_output_args(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
+def _add_resume_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run saved in <out>.state (same options); starts afresh if none is saved")
+    parser.add_argument("--checkpoint-every", type=_positive_int, default=0, metavar="N",
+                        help="also save the run state every N steps (default: only when stopped by a signal)")
+
+
+def _run_state(args: argparse.Namespace, out: Any) -> Checkpointer:
+    """The command's resumable run state beside ``out``; ``args`` minus the bookkeeping flags describe the run."""
+    skip = {"resume", "force", "no_progress", "checkpoint_every", "checkpoint"}  # the input: by its sha256
+    run = {k: v for k, v in vars(args).items() if k not in skip}
+    checkpointer = open_run_state(out, run, resume=args.resume, force=args.force, every=args.checkpoint_every)
+    if args.resume and distributed.is_main():
+        saved = checkpointer.resume_state
+        print(f"resuming from step {saved.step} ({saved.path})" if saved else
+              f"no saved run state in {checkpointer.folder}; starting from step 0", file=sys.stderr)
+    return checkpointer
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``lambda-gelu`` command."""
     parser = _Parser(prog="lambda-gelu", description="Learn GELU gate hardness, then turn the network into ReLU.")
@@ -129,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--record", help="also write λ every --record-every steps to this CSV file")
     train.add_argument("--record-every", type=_positive_int, default=10)
     train.add_argument("--no-progress", action="store_true")
+    _add_resume_args(train)
 
     hard = sub.add_parser("harden", help="move each λ to its target while the weights train (before the swap)")
     hard.add_argument("checkpoint", help="a λ-GELU checkpoint")
@@ -141,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     hard.add_argument("--lr", type=_positive_float, default=HardenConfig.lr)
     hard.add_argument("--seed", type=int, default=HardenConfig.seed)
     hard.add_argument("--no-progress", action="store_true")
+    _add_resume_args(hard)
 
     relu = sub.add_parser("relufy", help="swap every λ-GELU (or, with --include-gelu, GELU) gate for ReLU")
     relu.add_argument("checkpoint")
@@ -154,6 +179,49 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(prof, required=False)
     prof.add_argument("--out", help="folder for profile.md, profile.json and plots")
     prof.add_argument("--force", action="store_true")
+
+    chk = sub.add_parser("check", help="report: ONNX, int8 quantization, Marabou verification, activation sparsity")
+    chk.add_argument("checkpoint", help="the ReLU-ized checkpoint (or a GELU-family one, or a demo run folder)")
+    chk.add_argument("--gelu", help="the GELU original to compare with")
+    _add_data_args(chk, required=False)
+    chk.add_argument("--epsilon", type=float, default=0.01, help="L∞ radius of the robustness queries (default 0.01)")
+    chk.add_argument("--points", type=_positive_int, default=10, help="test points to verify (default 10)")
+    chk.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds per Marabou query (default 10)")
+    chk.add_argument("--repeats", type=_positive_int, default=30, help="latency measurements per model (default 30)")
+    chk.add_argument("--batch", type=_positive_int, default=256, help="rows per latency measurement (default 256)")
+    _add_output_args(chk, "report folder")
+    chk.add_argument("--no-progress", action="store_true")
+
+    from lambda_gelu.studies.common import PAIRS
+
+    study = sub.add_parser("study", help="run a study (dynamics, profiles, relufy, or all) into a results folder")
+    study.add_argument("study", choices=["dynamics", "profiles", "relufy", "all"])
+    budget = study.add_mutually_exclusive_group()
+    budget.add_argument("--quick", action="store_true", help="the quick profile (minutes instead of hours)")
+    budget.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # test-only budget
+    study.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), help="model × data pairs (default: the study's)")
+    study.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0 1 2; --quick: 0, or 0 1 where "
+                       "the study compares seeds)")
+    study.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    study.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    study.add_argument("--data-dir", help="root of the data files (MNIST: <dir>/MNIST/raw; Shakespeare: *.md plays)")
+    study.add_argument("--download", action="store_true", help="download missing MNIST files (needs torchvision)")
+    study.add_argument("--cache", help="folder that keeps trained models, shared between studies and reruns")
+    _add_output_args(study, "results folder")
+    study.add_argument("--no-progress", action="store_true")
+
+    minilm = sub.add_parser("minilm", help="ReLU-ize the pretrained all-MiniLM-L6-v2 and compare with two baselines")
+    minilm.add_argument("--quick", action="store_true", help="a few-minute version (fewer steps and sentences)")
+    minilm.add_argument("--steps", type=_positive_int, help="distillation steps per trained method")
+    minilm.add_argument("--batch-size", type=_positive_int, help="sentences per step")
+    minilm.add_argument("--lr", type=_positive_float, help="AdamW learning rate of the weights")
+    minilm.add_argument("--tau", type=_unit_interval, help="per-layer tolerance τ of the targets")
+    minilm.add_argument("--held-out", type=_positive_int, help="held-out sentences to report on")
+    minilm.add_argument("--per-layer", action="store_true", help="one λ per layer instead of one per channel")
+    minilm.add_argument("--seed", type=int, help="sentence order and initialisation seed")
+    minilm.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    _add_output_args(minilm, "results folder (results.md, results.json; no weights)")
+    minilm.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -174,6 +242,8 @@ def _split_for(args: argparse.Namespace, header: dict[str, Any]) -> Split:
 def _cmd_demo(args: argparse.Namespace, command: str) -> int:
     from lambda_gelu.demo import DemoConfig, run_demo
 
+    if args.dataset == "shakespeare":
+        raise UsageError("the demo trains an MLP classifier; for the language model see `lambda-gelu study`")
     config = DemoConfig(dataset=args.dataset, data_dir=args.data_dir, seed=args.seed, hidden=tuple(args.hidden))
     config.train.steps = args.steps
     config.harden = HardenConfig(steps=args.harden_steps, tau=args.tau)
@@ -182,12 +252,14 @@ def _cmd_demo(args: argparse.Namespace, command: str) -> int:
 
 
 def _cmd_train(args: argparse.Namespace, command: str) -> int:
+    distributed.init_from_env()
     out = check_writable(args.out, args.force)
     if args.record:
         check_writable(args.record, args.force)
+    checkpointer = _run_state(args, out)
     split = load_dataset(args.dataset, args.data_dir, seed=args.seed)
-    kwargs = {"in_features": int(split.x_train[0].numel()), "num_classes": split.num_classes,
-              "hidden": list(args.hidden)}
+    kwargs = model_kwargs_for(args.model, split.input_shape, split.num_classes, sequence=split.vocab is not None,
+                              hidden=args.hidden)
     torch.manual_seed(args.seed)
     learned = args.activation == "lambda_gelu"
     model = build_model(args.model, **kwargs, activation="gelu" if learned else args.activation)
@@ -199,33 +271,53 @@ def _cmd_train(args: argparse.Namespace, command: str) -> int:
     config = TrainConfig(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, hardness_lr=args.hardness_lr,
                          optimizer=args.optimizer, batch_size=args.batch_size, seed=args.seed)
     recorder = HardnessRecorder(model, every=args.record_every) if args.record else None
-    fit(model, split, config, recorder=recorder, progress=not args.no_progress)
-    result = evaluate(model, split.test_batches())
-    meta = {"dataset": args.dataset, "data_seed": args.seed, "train": config.to_dict(), "command": command,
-            "test_accuracy": result.accuracy, "test_loss": result.loss}
-    save_checkpoint(out, model, args.model, kwargs, meta)
-    if recorder is not None:
-        recorder.to_csv(args.record)
-    print(f"test accuracy {result.accuracy:.2f}%  loss {result.loss:.4f}  -> {out}")
+    stats = FitStats()
+    with graceful_stop():
+        fit(model, split, config, recorder=recorder, progress=not args.no_progress and distributed.is_main(),
+            checkpointer=checkpointer, stats=stats)
+        result = evaluate(model, split.test_batches())
+        meta = {"dataset": args.dataset, "data_seed": args.seed, "train": config.to_dict(), "command": command,
+                "test_accuracy": result.accuracy, "test_loss": result.loss}
+        if distributed.is_main():
+            save_checkpoint(out, model, args.model, kwargs, meta)
+            if recorder is not None:
+                recorder.to_csv(args.record)
+            checkpointer.clear()
+            _say_skipped(stats)
+            print(f"test accuracy {result.accuracy:.2f}%  loss {result.loss:.4f}  -> {out}")
     return 0
 
 
 def _cmd_harden(args: argparse.Namespace, command: str) -> int:
+    distributed.init_from_env()
     out = check_writable(args.out, args.force)
     model, header = load_checkpoint(args.checkpoint)
+    args.checkpoint_sha256 = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()  # resume the same input
+    checkpointer = _run_state(args, out)
     split = _split_for(args, header)
     config = HardenConfig(steps=args.steps, tau=args.tau, shape=args.shape, distill_weight=args.distill_weight,
                           lr=args.lr, seed=args.seed)
     before = evaluate(model, split.test_batches())
-    hardener = harden(model, split, config, progress=not args.no_progress)
-    after = evaluate(model, split.test_batches())
-    meta = dict(header.get("metadata", {}), harden=config.to_dict(), command=command,
-                targets={k: v.tolist() for k, v in hardener.target.items()},
-                test_accuracy=after.accuracy, test_loss=after.loss)
-    save_checkpoint(out, model, header["model"], header["model_kwargs"], meta)
-    print(profile_table(hardness(model)))
-    print(f"test accuracy {before.accuracy:.2f}% -> {after.accuracy:.2f}% (before the swap)  -> {out}")
+    stats = FitStats()
+    with graceful_stop():
+        hardener = harden(model, split, config, progress=not args.no_progress and distributed.is_main(),
+                          checkpointer=checkpointer, stats=stats)
+        after = evaluate(model, split.test_batches())
+        meta = dict(header.get("metadata", {}), harden=config.to_dict(), command=command,
+                    targets={k: v.tolist() for k, v in hardener.target.items()},
+                    test_accuracy=after.accuracy, test_loss=after.loss)
+        if distributed.is_main():
+            save_checkpoint(out, model, header["model"], header["model_kwargs"], meta)
+            checkpointer.clear()
+            _say_skipped(stats)
+            print(profile_table(hardness(model)))
+            print(f"test accuracy {before.accuracy:.2f}% -> {after.accuracy:.2f}% (before the swap)  -> {out}")
     return 0
+
+
+def _say_skipped(stats: FitStats) -> None:
+    if stats.skipped:
+        print(f"note: skipped {len(stats.skipped)} step(s) with a non-finite loss or gradient", file=sys.stderr)
 
 
 def _cmd_relufy(args: argparse.Namespace, command: str) -> int:
@@ -278,8 +370,42 @@ def _cmd_profile(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace, command: str) -> int:
+    from lambda_gelu.check import CheckConfig, check
+
+    config = CheckConfig(epsilon=args.epsilon, points=args.points, timeout_s=args.timeout,
+                         latency_repeats=args.repeats, quant_batch=args.batch)
+    check(args.checkpoint, args.out, gelu=args.gelu, dataset=args.dataset, data_dir=args.data_dir, config=config,
+          force=args.force, progress=not args.no_progress, command=command)
+    return 0
+
+
+def _cmd_study(args: argparse.Namespace, command: str) -> int:
+    from lambda_gelu.studies import StudyContext, run_study
+
+    check_writable(args.out, args.force)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    profile = "tiny" if args.tiny else "quick" if args.quick else "full"
+    seeds = tuple(args.seeds) if args.seeds else None  # None: each study's default for the profile
+    ctx = StudyContext(profile=profile, seeds=seeds, device=args.device, data_dir=args.data_dir,
+                       download=args.download, progress=not args.no_progress, command=command, cache_dir=args.cache)
+    run_study(args.study, args.out, ctx, args.pairs, force=args.force)
+    print(f"-> {args.out}")
+    return 0
+
+
+def _cmd_minilm(args: argparse.Namespace, command: str) -> int:
+    from lambda_gelu.integrations.minilm import config_from_args, write_study
+
+    check_writable(args.out, args.force)
+    write_study(args.out, config_from_args(args), command, force=args.force, progress=not args.no_progress)
+    print(f"-> {args.out}")
+    return 0
+
+
 COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "harden": _cmd_harden, "relufy": _cmd_relufy,
-            "profile": _cmd_profile}
+            "profile": _cmd_profile, "check": _cmd_check, "study": _cmd_study, "minilm": _cmd_minilm}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -289,12 +415,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "lambda-gelu " + shlex.join(argv)
     try:
         return COMMANDS[args.command](args, command)
+    except TrainingInterrupted as stop:
+        again = command if "--resume" in argv else f"{command} --resume"
+        if distributed.is_main():
+            print(f"lambda-gelu {args.command}: {stop}; continue with: {again}", file=sys.stderr)
+        return 128 + stop.signum
+    except NonFiniteError as error:
+        print(f"lambda-gelu {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("lambda-gelu: interrupted", file=sys.stderr)
         return 130
     except (UsageError, ValueError, FileExistsError, FileNotFoundError, PermissionError) as error:
         print(f"lambda-gelu {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,11 +31,27 @@ CONVERTED_ATTR = "lambda_gelu_converted"
 GELU_REGISTRY: dict[type[nn.Module], Callable[[nn.Module], Approximate]] = {
     nn.GELU: lambda module: module.approximate,  # type: ignore[return-value]
 }
-"""GELU-family module types, each mapped to a function giving its ``approximate`` form."""
+"""GELU-family module types, each mapped to a function giving its ``approximate`` form.
+
+transformers' GELU classes join it on first use once the program has imported
+transformers (:mod:`lambda_gelu.integrations.transformers`); lambda-gelu never
+imports transformers itself.
+"""
+
+GELU_LOOKALIKES: dict[type[nn.Module], str] = {}
+"""Types that look like GELU but compute another function (QuickGELU, ClippedGELU), each with the reason.
+
+:func:`convert` refuses them (:class:`NotGELUError`) rather than change the
+model's function; :func:`register_gelu_type` on such a type is the explicit opt-in.
+"""
 
 
 class NoMatchError(ValueError):
     """Raised when a conversion finds no module that matches its types and patterns."""
+
+
+class NotGELUError(ValueError):
+    """Raised by :func:`convert` for a GELU look-alike that is neither x·Φ(x) nor its tanh form."""
 
 
 class FunctionalGELUWarning(UserWarning):
@@ -47,15 +64,20 @@ def register_gelu_type(
     """Let :func:`convert` treat modules of type ``cls`` as GELU with the given approximation.
 
     ``approximate`` is ``"none"``, ``"tanh"``, or a function of the module
-    instance that returns one of them.
+    instance that returns one of them. Registering a GELU look-alike (e.g.
+    transformers' QuickGELUActivation) accepts that :func:`convert` changes
+    the function it computes.
     """
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError(f"register_gelu_type expects an nn.Module subclass, got {cls!r}")
+    _load_integrations()  # so that a later lazy registration cannot override this one
+    GELU_LOOKALIKES.pop(cls, None)
     GELU_REGISTRY[cls] = approximate if callable(approximate) else (lambda _m, a=approximate: a)
 
 
 def gelu_approximation(module: nn.Module) -> Approximate | None:
     """The ``approximate`` form of a GELU-family module, or None if it is not one."""
+    _load_integrations()
     for cls in type(module).__mro__:
         if cls in GELU_REGISTRY:
             return GELU_REGISTRY[cls](module)
@@ -65,6 +87,31 @@ def gelu_approximation(module: nn.Module) -> Approximate | None:
 def is_gelu(module: nn.Module) -> bool:
     """True for modules of a registered GELU-family type."""
     return gelu_approximation(module) is not None
+
+
+def lookalike_reason(module: nn.Module) -> str | None:
+    """Why ``module`` is a GELU look-alike that :func:`convert` refuses, or None if it is not one."""
+    _load_integrations()
+    for cls in type(module).__mro__:
+        if cls in GELU_REGISTRY:
+            return None
+        if cls in GELU_LOOKALIKES:
+            return GELU_LOOKALIKES[cls]
+    return None
+
+
+_integrations_loaded = False
+
+
+def _load_integrations() -> None:
+    """Register transformers' activation classes once the program has imported them (never imports them)."""
+    global _integrations_loaded
+    if _integrations_loaded or "transformers.activations" not in sys.modules:
+        return
+    _integrations_loaded = True
+    from lambda_gelu.integrations.transformers import register_transformers_activations
+
+    register_transformers_activations()
 
 
 @dataclass(frozen=True)
@@ -227,9 +274,12 @@ def convert(
 
     Returns the qualified names changed (also stored on ``model.lambda_gelu_converted``).
     Modules that are already LambdaGELU are skipped; if nothing matches and
-    nothing was already converted, raises :class:`NoMatchError`.
+    nothing was already converted, raises :class:`NoMatchError`. A selected
+    GELU look-alike (:data:`GELU_LOOKALIKES`) raises :class:`NotGELUError` and
+    leaves the model unchanged.
     """
     p = _as_patterns(patterns)
+    _refuse_lookalikes(model, _selector(lambda m: lookalike_reason(m) is not None, p, filter_fn))
 
     def make(module: nn.Module, name: str) -> nn.Module:
         if isinstance(num_channels, dict):
@@ -259,6 +309,20 @@ def convert(
                 stacklevel=2,
             )
     return changed
+
+
+def _refuse_lookalikes(model: nn.Module, select: ModuleFilter) -> None:
+    if not isinstance(model, nn.Module):
+        return  # _run reports the type error
+    found = [link for link in _links(model) if select(link.child, link.name)]
+    if found:
+        names = ", ".join(link.name for link in found[:4]) + (", ..." if len(found) > 4 else "")
+        raise NotGELUError(
+            f"{len(found)} activation(s) look like GELU but are not ({names}): {lookalike_reason(found[0].child)}. "
+            f"Converting them would change what the model computes. Leave them out with patterns=/filter_fn=, "
+            f"or accept the change explicitly: "
+            f"lambda_gelu.register_gelu_type({type(found[0].child).__name__}, 'none')"
+        )
 
 
 @torch.no_grad()
@@ -299,6 +363,11 @@ def relufy(
     With ``include_gelu=True`` GELU-family modules are swapped too (the
     "direct swap" baseline). Selection, return value and errors as for
     :func:`convert`; modules that are already ``nn.ReLU`` are skipped.
+
+    Every transformers ``PreTrainedModel`` inside ``model`` that is all-ReLU
+    afterwards gets ``config.hidden_act = "relu"`` (and every other activation
+    field of its config that named a GELU), so ``save_pretrained`` writes a
+    model that stock transformers loads as a ReLU model.
     """
     p = _as_patterns(patterns)
 
@@ -306,8 +375,13 @@ def relufy(
         return isinstance(module, LambdaGELU) or (include_gelu and is_gelu(module))
 
     what = "LambdaGELU modules" + (" and GELU-family modules" if include_gelu else "")
-    return _run(model, source, lambda m: isinstance(m, nn.ReLU), lambda m, n: nn.ReLU(), p,
-                filter_fn, what)
+    changed = _run(model, source, lambda m: isinstance(m, nn.ReLU), lambda m, n: nn.ReLU(), p,
+                   filter_fn, what)
+    if changed and "transformers.modeling_utils" in sys.modules:
+        from lambda_gelu.integrations.transformers import set_relu_config
+
+        set_relu_config(model, changed)  # config.hidden_act = "relu", so save_pretrained describes a ReLU model
+    return changed
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -14,6 +14,22 @@ Two forms, both equal to ``GELU(λx) / λ``:
 Special values: NaN gives NaN, -inf gives NaN (as ``F.gelu`` does: -inf·0) and
 +inf gives +inf. ``F.gelu`` itself returns +inf for +inf in float64 and on its
 scalar path but NaN on its vectorised fp32/bf16 path; we return the limit.
+
+Three ways to run the same formulas, chosen per call (:func:`op_path` says which):
+
+* **compiled**: ``_fused_forward`` / ``_fused_backward`` compiled by
+  ``torch.compile`` into one fused kernel each (the ∂f/∂λ reduction included),
+  when :mod:`lambda_gelu.kernels` says so (large tensors, a compiler present;
+  ``LAMBDA_GELU_COMPILE`` overrides). Inductor evaluates Φ through ``erf``, as
+  ``F.gelu`` does. The paths agree to rounding (a few ulp), not bit for bit.
+* **fast eager** (CPU, fp32/bf16/fp16, at least :data:`FAST_MIN_NUMEL`
+  elements): f = GELU(λx)/λ through ATen's vectorised GELU and GELU-backward,
+  in place on one buffer: three passes and one read-only check where
+  ``F.gelu`` takes one pass.
+* **exact eager** (everything else: fp64, small tensors, other devices, and
+  inside tracers such as ``torch.compile``, which then fuse these formulas
+  into their own graph): the formulas below with ``ndtr``, accurate in
+  relative terms in both tails.
 """
 
 from __future__ import annotations
@@ -22,6 +38,8 @@ import math
 from typing import Literal
 
 import torch
+
+from lambda_gelu import kernels
 
 Approximate = Literal["none", "tanh"]
 APPROXIMATIONS: tuple[str, ...] = ("none", "tanh")
@@ -75,6 +93,161 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return grad.sum_to_size(shape)
 
 
+FAST_MIN_NUMEL = 1 << 16
+"""Calls on fewer elements use the exact eager formulas (their cost there is call overhead, not arithmetic)."""
+
+_FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fused_forward(x: torch.Tensor, lam: torch.Tensor, approximate: str) -> torch.Tensor:
+    """f(x; λ) computed in the compute dtype, returned in x's dtype (the body of the compiled forward kernel)."""
+    dtype = _compute_dtype(x, lam)
+    return _forward(x.to(dtype), lam.to(dtype), approximate).to(x.dtype)
+
+
+def _fused_backward(
+    x: torch.Tensor, lam: torch.Tensor, grad_out: torch.Tensor, approximate: str, need_x: bool, need_lam: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(∂L/∂x, ∂L/∂λ) from the upstream gradient (the body of the compiled backward kernel).
+
+    ∂L/∂x = g·∂f/∂x in x's dtype; ∂L/∂λ = Σ g·∂f/∂λ over λ's broadcast dims,
+    summed in the compute dtype (fp32, fp64 for fp64 inputs) and then cast.
+    """
+    dtype = _compute_dtype(x, lam)
+    dfdx, dfdlam = _backward(x.to(dtype), lam.to(dtype), approximate)
+    grad_out = grad_out.to(dtype)
+    grad_x = (grad_out * dfdx).to(x.dtype) if need_x else None
+    grad_lam = _reduce_to(grad_out * dfdlam, lam.shape).to(lam.dtype) if need_lam else None
+    return grad_x, grad_lam
+
+
+# ---------------------------------------------------------------- fast eager path (CPU, large fp32/bf16/fp16)
+
+
+def _fast_eager_ok(x: torch.Tensor, lam: torch.Tensor) -> bool:
+    return (
+        not kernels.is_tracing(x, lam)
+        and x.device.type == "cpu"
+        and x.dtype in _FAST_DTYPES
+        and lam.dtype in _FAST_DTYPES
+        and x.numel() >= max(FAST_MIN_NUMEL, 1)
+    )
+
+
+def _forward_fast(x: torch.Tensor, lam: torch.Tensor, approximate: str) -> torch.Tensor:
+    """f = GELU(λx)/λ with ATen's vectorised GELU, in place on the one buffer it allocates."""
+    lam32 = lam.to(torch.float32)
+    if x.dtype != torch.float32 and torch.broadcast_shapes(x.shape, lam.shape) == x.shape:
+        z = x.to(torch.float32).mul_(lam32)  # z = λx, in the fp32 copy of x
+    else:
+        z = x.to(torch.float32) * lam32  # z = λx
+    torch.ops.aten.gelu_(z, approximate=approximate)  # GELU(λx)
+    z.div_(lam32)  # GELU(λx)/λ
+    # The vectorised GELU returns NaN for +inf (the limit is +inf) and λx can overflow
+    # where x·Φ(λx) does not: one read-only pass finds either, and the exact formulas redo the call.
+    if not bool(torch.isfinite(z.max())):
+        return _fused_forward(x, lam, approximate)
+    return z.to(x.dtype)
+
+
+def _backward_fast(
+    x: torch.Tensor, lam: torch.Tensor, grad_out: torch.Tensor, approximate: str, need_x: bool, need_lam: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(∂L/∂x, ∂L/∂λ) with ATen's vectorised GELU-backward and in-place passes over one buffer."""
+    x32, lam32, g32 = x.to(torch.float32), lam.to(torch.float32), grad_out.to(torch.float32)
+    z = x32 * lam32  # z = λx
+    grad_x = grad_lam = None
+    if need_x:
+        # ∂f/∂x = d/dx [GELU(λx)/λ] = GELU'(λx), so ∂L/∂x = gelu_backward(g, λx)
+        grad_x = torch.ops.aten.gelu_backward(g32, z, approximate=approximate).to(x.dtype)
+    if need_lam:
+        if approximate == "none":
+            # ∂f/∂λ = x²·φ(λx) = x²·exp(−z²/2)/√(2π), built in place in z's buffer
+            w = z.square_().mul_(-0.5).exp_().mul_(x32).mul_(x32)
+            if lam.numel() == 1 and w.shape == g32.shape and w.is_contiguous() and g32.is_contiguous():
+                total = torch.dot(w.view(-1), g32.view(-1))  # Σ g·x²·exp(−z²/2), one fp32 pass
+            else:
+                total = _reduce_to(w.mul_(g32), lam.shape)
+            grad_lam = (total * _INV_SQRT_2PI).reshape(lam.shape).to(lam.dtype)
+        else:
+            _, dfdlam = _backward(x32, lam32, approximate)
+            grad_lam = _reduce_to(g32 * dfdlam, lam.shape).to(lam.dtype)
+    return grad_x, grad_lam
+
+
+# ---------------------------------------------------------------- compiled path
+
+
+def _compiled_layout(x: torch.Tensor, lam: torch.Tensor) -> tuple[str, tuple[int, ...], tuple[int, ...]] | None:
+    """(layout name, x view shape, λ view shape) for the compiled kernels, or None if they do not take this case.
+
+    Two layouts keep the number of compiled graphs small: ``flat`` (one λ; x as
+    1-D) and ``channel`` (λ varies along one dim d of x; x as (A, C, B), λ as
+    (1, C, 1)). Other broadcasts take the eager path; a non-contiguous x is
+    copied to a contiguous one first. fp64 always takes the exact path.
+    """
+    if lam.ndim > x.ndim or x.dtype not in _FAST_DTYPES or lam.dtype not in _FAST_DTYPES:
+        return None
+    if lam.numel() == 1:
+        return "flat", (x.numel(),), ()
+    aligned = (1,) * (x.ndim - lam.ndim) + tuple(lam.shape)
+    dims = [d for d, size in enumerate(aligned) if size != 1]
+    if len(dims) != 1 or aligned[dims[0]] != x.shape[dims[0]]:
+        return None
+    d = dims[0]
+    channels = x.shape[d]
+    inner = math.prod(x.shape[d + 1 :])
+    return "channel", (x.numel() // (channels * inner), channels, inner), (1, channels, 1)
+
+
+def _forward_compiled(x: torch.Tensor, lam: torch.Tensor, approximate: str) -> torch.Tensor | None:
+    layout = _compiled_layout(x, lam)
+    if layout is None:
+        return None
+    name, x_shape, lam_shape = layout
+    key = (x.device.type, approximate, name, x.dtype, lam.dtype)
+    out = kernels.run_compiled(
+        _fused_forward, key, x.device.type, x.contiguous().view(x_shape), lam.reshape(lam_shape), approximate
+    )
+    return None if out is None else out.view(x.shape)
+
+
+def _backward_compiled(
+    x: torch.Tensor, lam: torch.Tensor, grad_out: torch.Tensor, approximate: str, need_x: bool, need_lam: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    layout = _compiled_layout(x, lam)
+    if layout is None or grad_out.shape != x.shape:
+        return None
+    name, x_shape, lam_shape = layout
+    key = (x.device.type, approximate, name, x.dtype, lam.dtype, grad_out.dtype, need_x, need_lam)
+    grads = kernels.run_compiled(
+        _fused_backward, key, x.device.type,
+        x.contiguous().view(x_shape), lam.reshape(lam_shape), grad_out.contiguous().view(x_shape),
+        approximate, need_x, need_lam,
+    )
+    if grads is None:
+        return None
+    grad_x, grad_lam = grads
+    return (
+        None if grad_x is None else grad_x.view(x.shape),
+        None if grad_lam is None else grad_lam.reshape(lam.shape),
+    )
+
+
+def op_path(x: torch.Tensor, lam: torch.Tensor | float = 1.0) -> str:
+    """Which path a call ``lambda_gelu(x, lam)`` takes now: ``"compiled"``, ``"fast eager"`` or ``"exact eager"``.
+
+    ``"compiled"`` means the call is attempted as a fused kernel; should
+    compiling fail, the call (and every later one on that device type) falls
+    back to eager, and :func:`lambda_gelu.kernels.compile_status` records why.
+    """
+    if not isinstance(lam, torch.Tensor):
+        lam = torch.tensor(float(lam), dtype=torch.float32, device=x.device)
+    if kernels.use_compiled(x, lam) and _compiled_layout(x, lam) is not None:
+        return "compiled"
+    return "fast eager" if _fast_eager_ok(x, lam) else "exact eager"
+
+
 class LambdaGELUFunction(torch.autograd.Function):
     """Autograd Function for f(x; λ); saves only ``x`` and ``λ``."""
 
@@ -82,8 +255,13 @@ class LambdaGELUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, lam: torch.Tensor, approximate: str) -> torch.Tensor:  # type: ignore[override]
-        dtype = _compute_dtype(x, lam)
-        return _forward(x.to(dtype), lam.to(dtype), approximate).to(x.dtype)
+        if kernels.use_compiled(x, lam):
+            out = _forward_compiled(x, lam, approximate)
+            if out is not None:
+                return out
+        if _fast_eager_ok(x, lam):
+            return _forward_fast(x, lam, approximate)
+        return _fused_forward(x, lam, approximate)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
@@ -94,16 +272,17 @@ class LambdaGELUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         x, lam = ctx.saved_tensors
-        dtype = _compute_dtype(x, lam)
-        dfdx, dfdlam = _backward(x.to(dtype), lam.to(dtype), ctx.approximate)
-        grad_out = grad_out.to(dtype)
-        grad_x = grad_lam = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_out * dfdx).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            # reduced over the broadcast dims in fp32 (fp64 for fp64 inputs), then cast
-            grad_lam = _reduce_to(grad_out * dfdlam, lam.shape).to(lam.dtype)
-        return grad_x, grad_lam, None
+        need_x, need_lam = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grads = None
+        # create_graph=True (double backward) needs the differentiable formulas below
+        if not torch.is_grad_enabled():
+            if kernels.use_compiled(x, lam, grad_out):
+                grads = _backward_compiled(x, lam, grad_out, ctx.approximate, need_x, need_lam)
+            if grads is None and _fast_eager_ok(x, lam) and grad_out.dtype in _FAST_DTYPES:
+                grads = _backward_fast(x, lam, grad_out, ctx.approximate, need_x, need_lam)
+        if grads is None:
+            grads = _fused_backward(x, lam, grad_out, ctx.approximate, need_x, need_lam)
+        return grads[0], grads[1], None
 
 
 def channel_view(lam: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:

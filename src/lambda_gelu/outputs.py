@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -27,16 +28,20 @@ def check_writable(path: str | Path, force: bool) -> Path:
 def staged_dir(final: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``final`` that replaces it only once the block succeeds.
 
-    If the block raises, the temporary folder is removed and ``final`` (if it
-    existed) is untouched. An existing ``final`` is replaced only with ``force``.
+    If the block raises, the temporary folder (and any parent folder made for
+    it) is removed and ``final`` (if it existed) is untouched. An existing ``final`` is replaced only with ``force``.
     """
     final = check_writable(final, force)
+    created = [p for p in [final.parent, *final.parent.parents] if not p.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         yield stage
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        for folder in created:  # innermost first: leave the disk as it was
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     old = None
     if final.exists():

@@ -9,12 +9,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from lambda_gelu import distributed
 from lambda_gelu.calibrate import DEFAULT_TAU, calibrate, layer_targets
 from lambda_gelu.convert import relufy
 from lambda_gelu.data import Split
 from lambda_gelu.module import LambdaGELU
+from lambda_gelu.resume import Checkpointer
 from lambda_gelu.schedule import SHAPES, Hardener
-from lambda_gelu.train import TrainConfig, fit
+from lambda_gelu.train import FitStats, TrainConfig, fit
 
 
 @dataclass
@@ -41,6 +43,7 @@ class HardenConfig:
     calibration_batches: int = 4
     calibration_batch_size: int = 256
     seed: int = 1
+    amp_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -63,7 +66,7 @@ class HardenConfig:
         """The weights' optimization settings during hardening (and the equal-budget fine-tuning)."""
         return TrainConfig(
             steps=self.steps, lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size,
-            warmup=0, seed=self.seed,
+            warmup=0, seed=self.seed, amp_dtype=self.amp_dtype,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,23 +80,39 @@ def calibration_batches(split: Split, config: HardenConfig) -> list[torch.Tensor
     return list(inputs.split(config.calibration_batch_size))
 
 
-def harden(model: nn.Module, split: Split, config: HardenConfig, progress: bool = True) -> Hardener:
+def harden(
+    model: nn.Module,
+    split: Split,
+    config: HardenConfig,
+    progress: bool = True,
+    *,
+    checkpointer: Checkpointer | None = None,
+    stats: FitStats | None = None,
+) -> Hardener:
     """ReLU-ize ``model``'s LambdaGELU layers in place up to the swap; returns the Hardener used.
 
     Calibrates on training data, sets each layer's target λ* (D(λ*) <= τ),
     then trains the weights for ``config.steps`` steps while λ follows the
     schedule. Call :func:`lambda_gelu.relufy` afterwards to swap in ReLU.
+    ``checkpointer`` and ``stats`` are passed to :func:`lambda_gelu.train.fit`
+    (a run resumed from a state continues its schedule, targets and teacher).
+    Under torch.distributed each rank calibrates its share of every
+    calibration batch and the samples are gathered, so every rank derives the
+    same targets.
     """
     if not any(isinstance(m, LambdaGELU) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} has no LambdaGELU layer to harden; convert it first")
     batches = calibration_batches(split, config)
+    if distributed.is_active():
+        batches = [b.tensor_split(distributed.world_size())[distributed.rank()] for b in batches]
+    resumed = checkpointer.resume_state if checkpointer is not None else None
 
     def retarget() -> dict[str, torch.Tensor]:
         return layer_targets(model, calibrate(model, batches), config.tau)
 
     hardener = Hardener(
         model,
-        retarget(),
+        resumed.get("hardener")["target"] if resumed is not None and resumed.get("hardener") else retarget(),
         total_steps=config.ramp_steps,
         shape=config.shape,  # type: ignore[arg-type]
         distill=config.distill_weight > 0,
@@ -101,7 +120,7 @@ def harden(model: nn.Module, split: Split, config: HardenConfig, progress: bool 
         retarget_every=config.retarget_every,
     )
     fit(model, split, config.train_config(), hardener=hardener, distill_weight=config.distill_weight,
-        desc="harden", progress=progress)
+        desc="harden", progress=progress, checkpointer=checkpointer, stats=stats)
     hardener.update_targets(retarget())
     for name, lam in hardener.lambdas(hardener.total_steps).items():
         hardener.layers[name].set_lambda_(lam)

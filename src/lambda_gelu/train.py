@@ -1,10 +1,35 @@
-"""A small, deterministic training loop for classifiers, used by the CLI, the demo and the studies."""
+"""A small, deterministic training loop for classifiers, used by the CLI, the demo and the studies.
+
+Reliability (docs/reliability.md):
+
+* **Resume.** With a :class:`~lambda_gelu.resume.Checkpointer`, :func:`fit` saves
+  its whole run state (weights, optimizer, schedule, data position, every RNG)
+  every ``every`` steps and when a SIGTERM/SIGINT arrives, and a fit given a
+  checkpointer that holds a state continues from it; on CPU the resumed run
+  ends bitwise equal to an uninterrupted one.
+* **Non-finite steps.** A step whose loss or any gradient is not finite is
+  skipped (no weight update; λ's schedule and the data order move on as usual)
+  and counted in :class:`FitStats`. More than ``max_bad_steps`` such steps in a
+  row stop the run with :class:`NonFiniteError`, after saving the (still
+  finite) state; weights that become non-finite in an update also stop it,
+  naming the last good state on disk.
+* **Mixed precision.** ``amp_dtype`` runs the forward pass under
+  ``torch.autocast`` (bf16, or fp16 with a GradScaler); weights, λ and λ's
+  gradient stay fp32.
+* **Several processes.** Under ``torchrun`` the model is wrapped in
+  DistributedDataParallel and each rank trains on its share of the same global
+  batch (:mod:`lambda_gelu.distributed`); the result equals a one-process run
+  with that batch, up to the order of floating-point sums.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+import signal
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -12,12 +37,37 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lambda_gelu import distributed
+from lambda_gelu.checkpoint import CheckpointError, check_weights
 from lambda_gelu.data import Split
+from lambda_gelu.module import LambdaGELU
 from lambda_gelu.optim import param_groups
 from lambda_gelu.profile import HardnessRecorder
+from lambda_gelu.resume import (
+    Checkpointer,
+    GracefulStop,
+    RunState,
+    TrainingInterrupted,
+    graceful_stop,
+    rng_state,
+    set_rng_state,
+    stop_requested,
+)
 from lambda_gelu.schedule import Hardener
 
 OPTIMIZERS = ("adamw", "sgd")
+AMP_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_BAD_STEPS = 10
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(FloatingPointError):
+    """Training stopped on non-finite numbers; ``last_good`` is the newest finite run state on disk (or None)."""
+
+    def __init__(self, message: str, last_good: Any = None) -> None:
+        super().__init__(message)
+        self.last_good = last_good
 
 
 @dataclass
@@ -27,6 +77,9 @@ class TrainConfig:
     The learning rate warms up linearly over ``warmup`` steps, then follows a
     cosine from ``lr`` down to ``lr·final_lr_fraction``; the same factor
     applies to every group, the hardness group (``hardness_lr``) included.
+    ``amp_dtype`` ("bfloat16" or "float16") runs forward passes under autocast;
+    ``max_bad_steps`` is how many non-finite steps in a row are skipped before
+    the run stops.
     """
 
     steps: int = 1000
@@ -39,27 +92,52 @@ class TrainConfig:
     warmup: int = 50
     final_lr_fraction: float = 0.05
     seed: int = 0
+    amp_dtype: str | None = None
+    max_bad_steps: int = DEFAULT_MAX_BAD_STEPS
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.amp_dtype is not None and self.amp_dtype not in AMP_DTYPES:
+            raise ValueError(f"amp_dtype must be one of {sorted(AMP_DTYPES)} or None, got {self.amp_dtype!r}")
+        if self.max_bad_steps < 0:
+            raise ValueError(f"max_bad_steps must be >= 0, got {self.max_bad_steps}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form, for JSON."""
         return asdict(self)
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD (with momentum) over :func:`lambda_gelu.param_groups`."""
-    groups = param_groups(model, config.lr, config.weight_decay, config.hardness_lr)
+@dataclass
+class FitStats:
+    """What a :func:`fit` call did besides training: resumption, steps run, skipped steps (1-based), saved states."""
+
+    start_step: int = 0
+    steps_run: int = 0
+    skipped: list[int] = field(default_factory=list)
+    scaler_skips: int = 0
+    saved: list[str] = field(default_factory=list)
+
+    @property
+    def resumed(self) -> bool:
+        """True if the call continued a saved run."""
+        return self.start_step > 0
+
+
+def make_optimizer(
+    model: nn.Module, config: TrainConfig, groups: list[dict[str, Any]] | None = None
+) -> torch.optim.Optimizer:
+    """AdamW or SGD (with momentum) over :func:`lambda_gelu.param_groups` (or over ``groups`` if given)."""
+    if groups is None:
+        groups = param_groups(model, config.lr, config.weight_decay, config.hardness_lr)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
     return torch.optim.AdamW(groups, lr=config.lr)
@@ -75,11 +153,144 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))  # cosine decay to the floor
 
 
-def _batches(split: Split, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    epoch = 0
-    while True:
-        yield from split.train_loader(batch_size, seed=seed * 100_003 + epoch)
-        epoch += 1
+class BatchStream:
+    """The endless, seeded stream of training batches, resumable at any position.
+
+    Epoch e is ``split.train_loader(batch_size, seed=seed·100003 + e)`` in full;
+    :meth:`state_dict` is the position (epoch, batches taken from it), and a
+    stream restored from it yields exactly the batches that would have come next.
+    """
+
+    def __init__(self, split: Split, batch_size: int, seed: int) -> None:
+        if len(split.x_train) == 0:
+            raise ValueError(f"{split.name}: no training examples")
+        self.split, self.batch_size, self.seed = split, batch_size, seed
+        self.epoch, self.index = 0, 0
+        self._iter: Iterator[Any] | None = None
+
+    def _open(self) -> None:
+        self._iter = iter(self.split.train_loader(self.batch_size, seed=self.seed * 100_003 + self.epoch))
+        for _ in range(self.index):  # fast-forward to the saved position
+            next(self._iter)
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._iter is None:
+            self._open()
+        try:
+            batch = next(self._iter)  # type: ignore[arg-type]
+        except StopIteration:
+            self.epoch, self.index = self.epoch + 1, 0
+            self._open()
+            batch = next(self._iter)  # type: ignore[arg-type]
+        self.index += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The position in the data order."""
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a :meth:`state_dict` position."""
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._iter = None
+
+
+def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
+    """True if every element of every tensor is finite (one reduction per tensor, one sync)."""
+    present = [t.detach() for t in tensors if t is not None]
+    if not present:
+        return True
+    try:
+        largest = torch._foreach_norm(present, float("inf"))  # max |t|: NaN and ±inf propagate, nothing overflows
+    except (RuntimeError, TypeError, AttributeError):  # a tensor kind the fused norm does not take
+        return all(bool(torch.isfinite(t).all()) for t in present)
+    return bool(torch.isfinite(torch.stack([v.float().cpu() for v in largest])).all())
+
+
+def _lambdas(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: m.lam for name, m in model.named_modules() if isinstance(m, LambdaGELU)}
+
+
+@dataclass
+class _Run:
+    """The objects whose state a run checkpoint holds."""
+
+    model: nn.Module
+    config: TrainConfig
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    hardener: Hardener | None
+    stream: BatchStream
+    recorder: HardnessRecorder | None
+    losses: list[float]
+    stats: FitStats
+
+    def state(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "data": self.stream.state_dict(),
+            "losses": torch.tensor(self.losses, dtype=torch.float64),
+            "skipped": list(self.stats.skipped),
+            "rng": distributed.gather_objects(rng_state()),  # one entry per rank
+        }
+        if self.scaler is not None:
+            body["scaler"] = self.scaler.state_dict()
+        if self.hardener is not None:
+            body["hardener"] = self.hardener.state_dict()
+            if self.hardener.teacher is not None:
+                body["teacher"] = self.hardener.teacher.state_dict()
+        if self.recorder is not None:
+            body["recorder"] = list(self.recorder.rows)
+        return body
+
+    def restore(self, saved: RunState) -> int:
+        """Load ``saved`` into the run's objects (RNG last); returns the step to continue from."""
+        body, path = saved.body, saved.path
+        if (self.hardener is None) != ("hardener" not in body):
+            what = "with" if "hardener" in body else "without"
+            raise CheckpointError(f"{path}: saved by a run {what} a Hardener; this run differs")
+        config = self.config.to_dict()
+        differing = [k for k in config if body.get("config", {}).get(k) != config[k]]
+        if differing:
+            k = differing[0]
+            raise CheckpointError(
+                f"{path}: saved by a run with {k}={body['config'].get(k)!r}, this run has {k}={config[k]!r}; "
+                "resume with the same settings"
+            )
+        if len(body["losses"]) != saved.step:
+            raise CheckpointError(f"{path}: holds {len(body['losses'])} losses for step {saved.step}")
+        check_weights(path, self.model, body["model"], finite=True)
+        self.model.load_state_dict(body["model"])
+        try:
+            self.optimizer.load_state_dict(body["optimizer"])
+            if self.scaler is not None:
+                self.scaler.load_state_dict(body["scaler"])
+        except (ValueError, KeyError, RuntimeError) as error:
+            raise CheckpointError(f"{path}: optimizer state does not fit ({error})") from None
+        if self.hardener is not None:
+            hardener_state = body["hardener"]
+            if set(hardener_state["target"]) != set(self.hardener.layers):
+                raise CheckpointError(f"{path}: hardens layers {sorted(hardener_state['target'])}, "
+                                      f"this run hardens {sorted(self.hardener.layers)}")
+            self.hardener.load_state_dict(hardener_state)
+            if self.hardener.teacher is not None:
+                if "teacher" not in body:
+                    raise CheckpointError(f"{path}: holds no distillation teacher")
+                check_weights(path, self.hardener.teacher, body["teacher"], finite=True)
+                self.hardener.teacher.load_state_dict(body["teacher"])
+        self.stream.load_state_dict(body["data"])
+        self.losses[:] = body["losses"].tolist()
+        self.stats.skipped = [int(s) for s in body.get("skipped", [])]
+        if self.recorder is not None:
+            self.recorder.rows = list(body.get("recorder", []))
+        rngs = body["rng"]
+        set_rng_state(rngs[distributed.rank()] if len(rngs) == distributed.world_size() else rngs[0])
+        return saved.step
 
 
 def fit(
@@ -92,46 +303,128 @@ def fit(
     recorder: HardnessRecorder | None = None,
     desc: str = "train",
     progress: bool = True,
+    checkpointer: Checkpointer | None = None,
+    stats: FitStats | None = None,
+    optimizer_groups: list[dict[str, Any]] | None = None,
 ) -> list[float]:
     """Train ``model`` on ``split`` for ``config.steps`` steps; return the loss of every step.
 
     With a ``hardener``, its :meth:`~Hardener.step` runs before each forward
     pass (λ follows the schedule while the weights train), and with
     ``distill_weight`` > 0 the loss is (1 − w)·CE + w·KL(teacher ‖ model).
-    Raises FloatingPointError if the loss stops being finite.
+    ``optimizer_groups`` replaces :func:`lambda_gelu.param_groups` (the
+    learning-dynamics study trains λ in plain groups with it).
+
+    With a ``checkpointer`` the run saves its state as it declares, and on the
+    first SIGTERM/SIGINT saves it and raises
+    :class:`~lambda_gelu.resume.TrainingInterrupted`; if the checkpointer holds a
+    state to resume (``Checkpointer(..., resume=True)``), the run continues from
+    it and returns every step's loss, the earlier ones included. A non-finite
+    step is skipped (its loss, NaN or inf, is still returned) and recorded in
+    ``stats``; :class:`NonFiniteError` (a FloatingPointError) stops the run
+    after more than ``config.max_bad_steps`` of them in a row.
     """
     if distill_weight and (hardener is None or hardener.teacher is None):
         raise ValueError("distill_weight > 0 needs a Hardener made with distill=True")
+    stats = FitStats() if stats is None else stats
     device = next(model.parameters()).device
     torch.manual_seed(config.seed)
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(model, config, optimizer_groups)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
+    scaler = torch.amp.GradScaler(device.type) if config.amp_dtype == "float16" else None
+    run = _Run(model, config, optimizer, scaler, hardener, BatchStream(split, config.batch_size, config.seed),
+               recorder, [], stats)
+    start = 0
+    if checkpointer is not None and checkpointer.resume_state is not None:
+        start = run.restore(checkpointer.resume_state)
+    stats.start_step = start
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    amp = AMP_DTYPES.get(config.amp_dtype or "")
+    engine = distributed.wrap(model)
     model.train()
-    losses: list[float] = []
-    batches = _batches(split, config.batch_size, config.seed)
-    bar = tqdm(range(config.steps), desc=desc, disable=not progress, leave=False, mininterval=0.5)
-    for step in bar:
-        factor = lr_factor(step, config)
-        for group, base in zip(optimizer.param_groups, base_lrs, strict=False):
-            group["lr"] = base * factor
-        if hardener is not None:
-            hardener.step()
-        x, y = next(batches)
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))  # (B, C) or (B, T, C)
-        if distill_weight:
-            loss = (1.0 - distill_weight) * loss + distill_weight * hardener.distillation_loss(logits, x)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        if recorder is not None:
-            recorder.record(step + 1)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bad_run = 0
+    bar = tqdm(range(start, config.steps), desc=desc, disable=not progress, leave=False, mininterval=0.5,
+               initial=start, total=config.steps)
+    with contextlib.ExitStack() as stack:
+        if checkpointer is not None:
+            stack.enter_context(graceful_stop())
+        watch = GracefulStop._active is not None
+        for step in bar:
+            factor = lr_factor(step, config)
+            for group, base in zip(optimizer.param_groups, base_lrs, strict=False):
+                group["lr"] = base * factor
+            if hardener is not None:
+                hardener.step()
+            x, y = next(run.stream)
+            x, y, share = distributed.shard(x.to(device), y.to(device))
+            with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+                logits = engine(x)
+                if amp:
+                    logits = logits.float()  # the loss in fp32
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))  # (B, C) or (B, T, C)
+                if distill_weight:
+                    loss = (1.0 - distill_weight) * loss + distill_weight * hardener.distillation_loss(logits, x)
+            if not distributed.is_active():
+                objective, value = loss, loss.item()
+            elif y.numel() == 0:  # this rank holds no rows of a tiny last batch: zero gradients, still in step
+                objective, value = logits.sum() * 0.0, distributed.sum_all(torch.zeros(())).item()
+            else:  # DDP averages over ranks: W·(n_r/n)·L_r averages to the global batch's mean loss
+                objective = loss * share
+                value = distributed.sum_all(loss.detach() * (share / distributed.world_size())).item()
+            optimizer.zero_grad(set_to_none=True)
+            (scaler.scale(objective) if scaler is not None else objective).backward()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            loss_ok = math.isfinite(value)
+            if loss_ok and all_finite(p.grad for p in params):
+                if scaler is not None:
+                    scaler.step(optimizer)
+                else:
+                    optimizer.step()
+                if not all_finite(params):
+                    last = checkpointer.last_saved if checkpointer is not None else None
+                    raise NonFiniteError(
+                        f"{desc}: the weights became non-finite in the update of step {step + 1} (learning rate "
+                        f"too high?); last good state: {last or 'none saved'}", last)
+                bad_run = 0
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                if loss_ok and scaler is not None:
+                    stats.scaler_skips += 1  # fp16 gradient overflow: the scaler lowers its scale and retries
+                else:
+                    bad_run += 1
+                    stats.skipped.append(step + 1)
+            if scaler is not None:
+                scaler.update()
+            run.losses.append(value)
+            done = step + 1
+            stats.steps_run = done - start
+            if recorder is not None:
+                recorder.record(done)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{value:.3f}", skipped=len(stats.skipped))
+            if bad_run > config.max_bad_steps:
+                path = checkpointer.save(done, run.state()) if checkpointer is not None else None
+                if path is not None:
+                    stats.saved.append(str(path))
+                raise NonFiniteError(
+                    f"{desc}: {bad_run} steps in a row (up to step {done}) had a non-finite loss or gradient "
+                    f"and were skipped; stopped. The weights are still finite; last good state: "
+                    f"{path or 'none saved (no checkpointer)'}", path)
+            if watch and done < config.steps:
+                signum = stop_requested()
+                if distributed.any_rank(signum is not None):
+                    path = checkpointer.save(done, run.state()) if checkpointer is not None else None
+                    if path is not None:
+                        stats.saved.append(str(path))
+                    raise TrainingInterrupted(done, config.steps, path, signum or signal.SIGTERM)
+            if checkpointer is not None and checkpointer.due(done):
+                stats.saved.append(str(checkpointer.save(done, run.state())))
     bar.close()
     model.eval()
-    return losses
+    distributed.check_same(_lambdas(model))
+    if stats.skipped:
+        shown = ", ".join(map(str, stats.skipped[:5])) + (", ..." if len(stats.skipped) > 5 else "")
+        log.warning("%s: skipped %d of %d steps with a non-finite loss or gradient (steps %s)",
+                    desc, len(stats.skipped), config.steps, shown)
+    return run.losses

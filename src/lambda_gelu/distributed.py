@@ -1,0 +1,136 @@
+"""torch.distributed plumbing for training, hardening and calibration under ``torchrun``.
+
+Nothing here is a home-made parallel engine: gradients are averaged by
+:class:`torch.nn.parallel.DistributedDataParallel`, and everything else is a
+handful of collectives from :mod:`torch.distributed`.
+
+The scheme (used by :func:`lambda_gelu.train.fit`):
+
+* every rank loads the whole data set and draws the same global batch (the
+  batch order depends only on the seed); rank r trains on rows
+  ``batch.tensor_split(world)[r]``. Its loss is scaled by
+  ``world · n_r / n`` (n_r its rows, n the global batch), so that DDP's mean
+  over ranks of the gradients is exactly the gradient of the global batch's
+  mean loss: (1/W)·Σ_r ∇(W·n_r/n·L_r) = ∇ Σ_r (n_r/n)·L_r.
+* λ is a parameter like any other (DDP all-reduces its gradient, so every rank
+  takes the same step) or, while hardening, is set by the schedule from targets
+  that every rank computes from the same gathered calibration samples.
+* only rank 0 writes files; :func:`check_same` verifies at the end of a run
+  that λ is bitwise identical on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def is_active() -> bool:
+    """True inside an initialized process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 when not distributed)."""
+    return dist.get_rank() if is_active() else 0
+
+
+def world_size() -> int:
+    """Number of processes (1 when not distributed)."""
+    return dist.get_world_size() if is_active() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process): the one process that writes files and prints."""
+    return rank() == 0
+
+
+def init_from_env() -> bool:
+    """Join the process group that ``torchrun`` describes in the environment; True if distributed.
+
+    Uses NCCL when CUDA is available and gloo otherwise; ``WORLD_SIZE`` <= 1
+    (or unset) means a single process and changes nothing.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return is_active()
+
+
+def shutdown() -> None:
+    """Leave the process group, if one was joined."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel when distributed, else ``model`` itself."""
+    if not is_active():
+        return model
+    device = next(model.parameters()).device
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def shard(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """This rank's rows of a global batch and its loss scale ``world · n_r / n`` (1.0 in one process)."""
+    if not is_active():
+        return x, y, 1.0
+    world, here = world_size(), rank()
+    x_local, y_local = x.tensor_split(world)[here], y.tensor_split(world)[here]
+    return x_local, y_local, world * y_local.numel() / max(1, y.numel())
+
+
+def sum_all(value: torch.Tensor) -> torch.Tensor:
+    """The sum of ``value`` over ranks (a copy; ``value`` itself in one process)."""
+    if not is_active():
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def any_rank(flag: bool) -> bool:
+    """True if ``flag`` is true on any rank (so that every rank takes the same decision)."""
+    if not is_active():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in one process)."""
+    if not is_active():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing in one process)."""
+    if is_active():
+        dist.barrier()
+
+
+def check_same(tensors: dict[str, torch.Tensor], what: str = "λ") -> None:
+    """Raise RuntimeError unless every tensor is bitwise identical on every rank (no-op in one process)."""
+    if not is_active():
+        return
+    for name, value in tensors.items():
+        flat = value.detach().double().reshape(-1).cpu()
+        low, high = flat.clone(), flat.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        if not torch.equal(low, high):
+            spread = (high - low).abs().max().item()
+            raise RuntimeError(f"{what} of {name} differs across ranks (by up to {spread:.3g}); the ranks diverged")

@@ -1,0 +1,310 @@
+"""The ReLU-ization table: seven ways to end up with (or without) a ReLU network, at equal extra-step budgets.
+
+For each pair and seed, three models train for S steps from the same
+initial weights: GELU, λ-GELU (λ learned from 1) and, for S + E steps, ReLU
+from scratch. Then, with E extra steps each:
+
+* **direct swap**: GELU → ReLU, no extra steps;
+* **swap + fine-tuning**: the swapped model trains E steps (CE);
+* **swap + FT + distillation**: the same with (1 − w)·CE + w·KL(GELU teacher ‖ model), w = 0.5;
+* **fixed λ = 1, hardened**: the GELU model as LambdaGELU(λ = 1), hardened by
+  the deterministic schedule for E steps (the library's defaults), then swapped;
+* **learned λ, hardened** (lambda-gelu): the λ-GELU model, hardened the same way, then swapped.
+
+The extra-step budget E is the same for the four methods that use it, with the
+same learning rate, schedule and data order. The "steps to recover" of a
+method is the smallest budget b in the grid {0, E/8, E/4, E/2, E} (full
+profile) at which its ReLU model is within ``metric.near`` of the smooth model
+it started from (each budget is a run of its own, with its own schedule).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lambda_gelu.convert import convert
+from lambda_gelu.metrics import disruption
+from lambda_gelu.outputs import staged_dir
+from lambda_gelu.pipeline import harden, relu_copy
+from lambda_gelu.studies.common import (
+    PAIRS,
+    DistillTeacher,
+    PairSpec,
+    StudyContext,
+    cached,
+    fmt_pm,
+    footer,
+    harden_config,
+    markdown_table,
+    mean_std,
+    parse_pairs,
+    run_metadata,
+    score,
+    trained,
+    write_csv,
+    write_json,
+)
+from lambda_gelu.train import fit
+
+METHODS = (
+    ("gelu", "GELU baseline (no swap)"),
+    ("relu_scratch", "ReLU from scratch"),
+    ("direct_swap", "direct swap"),
+    ("swap_ft", "swap + fine-tuning"),
+    ("swap_ft_distill", "swap + FT + distillation"),
+    ("harden_fixed", "fixed λ = 1, hardened"),
+    ("harden_learned", "lambda-gelu (learned λ, hardened)"),
+)
+"""(key, label) of every method, in table order."""
+
+SWAPPING = ("direct_swap", "swap_ft", "swap_ft_distill", "harden_fixed", "harden_learned")
+BUDGETED = ("swap_ft", "swap_ft_distill", "harden_fixed", "harden_learned")
+GRIDS = {"tiny": (1.0,), "quick": (0.25, 1.0), "full": (0.125, 0.25, 0.5, 1.0)}
+"""Fractions of the extra-step budget E at which each budgeted method is run."""
+
+
+def _extra_run(method: str, pair: PairSpec, split, seed: int, steps: int, gelu: nn.Module, lam: nn.Module
+               ) -> dict[str, float]:
+    """One budgeted method with ``steps`` extra steps: start/before-swap/after-swap/final scores."""
+    config = harden_config(pair, seed, steps)
+    test = split.test_batches(256)
+    metric = pair.metric
+    if method in ("swap_ft", "swap_ft_distill"):
+        model = relu_copy(gelu, include_gelu=True)
+        teacher = DistillTeacher(gelu) if method == "swap_ft_distill" else None
+        fit(model, split, config.train_config(), hardener=teacher,  # type: ignore[arg-type]
+            distill_weight=config.distill_weight if teacher else 0.0, desc=method, progress=False)
+        final, evaluation = score(pair, model, split)
+        return {"final": final, "final_loss": evaluation.loss}
+    smooth = copy.deepcopy(gelu if method == "harden_fixed" else lam)
+    if method == "harden_fixed":
+        convert(smooth)  # λ = 1: the GELU model itself
+    harden(smooth, split, config, progress=False)
+    relu = relu_copy(smooth)
+    swap = disruption(smooth, relu, test)
+    before = metric.score_parts(swap.accuracy_before, swap.loss_before)
+    after = metric.score_parts(swap.accuracy_after, swap.loss_after)
+    return {"before_swap": before, "after_swap": after, "final": after, "final_loss": swap.loss_after,
+            "max_layer_discrepancy": max(swap.layer_discrepancy.values(), default=0.0), "kl": swap.kl}
+
+
+def run_pair_seed(pair: PairSpec, ctx: StudyContext, seed: int) -> list[dict[str, Any]]:
+    """All methods of one pair and seed; one row per (method, extra-step budget)."""
+    split = ctx.split(pair)
+    metric = pair.metric
+    steps, extra = ctx.steps(pair), ctx.harden_steps(pair)
+    test = split.test_batches(256)
+    started = time.time()
+
+    gelu, _ = trained(pair, ctx, seed, "gelu")
+    lam, _ = trained(pair, ctx, seed, "lambda_gelu")
+    relu, _ = trained(pair, ctx, seed, "relu", steps=steps + extra)
+    gelu_score, gelu_eval = score(pair, gelu, split)
+    lam_score, _ = score(pair, lam, split)
+    relu_score, relu_eval = score(pair, relu, split)
+    direct = disruption(gelu, relu_copy(gelu, include_gelu=True), test)
+    lam_direct = disruption(lam, relu_copy(lam), test)
+    direct_after = metric.score_parts(direct.accuracy_after, direct.loss_after)
+    lam_after = metric.score_parts(lam_direct.accuracy_after, lam_direct.loss_after)
+
+    base = {"pair": pair.name, "seed": seed, "gelu": gelu_score, "lambda_gelu": lam_score}
+    rows: list[dict[str, Any]] = [
+        dict(base, method="gelu", extra_steps=0, start=gelu_score, before_swap=None, after_swap=None,
+             final=gelu_score, final_loss=gelu_eval.loss),
+        dict(base, method="relu_scratch", extra_steps=extra, start=None, before_swap=None, after_swap=None,
+             final=relu_score, final_loss=relu_eval.loss),
+        dict(base, method="direct_swap", extra_steps=0, start=gelu_score, before_swap=gelu_score,
+             after_swap=direct_after, final=direct_after, final_loss=direct.loss_after, kl=direct.kl),
+    ]
+    # budget 0 of every budgeted method is a direct swap of the model it starts from
+    for method in BUDGETED:
+        start = lam_score if method == "harden_learned" else gelu_score
+        after = lam_after if method == "harden_learned" else direct_after
+        loss = lam_direct.loss_after if method == "harden_learned" else direct.loss_after
+        rows.append(dict(base, method=method, extra_steps=0, start=start, before_swap=start, after_swap=after,
+                         final=after, final_loss=loss))
+    for fraction in GRIDS[ctx.profile]:
+        budget = max(1, round(fraction * extra))
+        for method in BUDGETED:
+            result = _extra_run(method, pair, split, seed, budget, gelu, lam)
+            start = lam_score if method == "harden_learned" else gelu_score
+            if method in ("swap_ft", "swap_ft_distill"):
+                result.update(before_swap=gelu_score, after_swap=direct_after)
+            rows.append(dict(base, method=method, extra_steps=budget, start=start, **result))
+    for row in rows:
+        row["vs_gelu"] = metric.damage(gelu_score, row["final"])
+        row["drop_at_swap"] = (None if row.get("after_swap") is None
+                               else metric.damage(row["before_swap"], row["after_swap"]))
+        row["cost_vs_start"] = None if row.get("start") is None else metric.damage(row["start"], row["final"])
+    ctx.say(f"relufy {pair.name} seed {seed}: GELU {gelu_score:.3f}, λ-GELU {lam_score:.3f}, "
+            f"ReLU scratch {relu_score:.3f}, lambda-gelu ReLU {rows[-1]['final']:.3f} "
+            f"({time.time() - started:.0f} s)")
+    return rows
+
+
+def _steps_to_near(rows: list[dict[str, Any]], near: float) -> int | None:
+    """Smallest extra-step budget whose ReLU model is within ``near`` of its start (None: not within the grid)."""
+    for row in sorted(rows, key=lambda r: r["extra_steps"]):
+        if row["cost_vs_start"] is not None and row["cost_vs_start"] <= near:
+            return int(row["extra_steps"])
+    return None
+
+
+def summarize(rows: list[dict[str, Any]], pairs: list[PairSpec], ctx: StudyContext) -> dict[str, Any]:
+    """Per pair and method at the full budget: mean ± std over seeds, steps to recover, and the targets."""
+    by: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by[(row["pair"], row["method"])].append(row)
+    summary: dict[str, Any] = {}
+    for pair in pairs:
+        metric, extra = pair.metric, ctx.harden_steps(pair)
+        methods: dict[str, Any] = {}
+        for key, label in METHODS:
+            all_rows = by[(pair.name, key)]
+            full = [r for r in all_rows if key not in BUDGETED or r["extra_steps"] == extra]
+            per_seed_steps = {}
+            if key in SWAPPING:
+                for seed in ctx.seeds:
+                    mine = [r for r in all_rows if r["seed"] == seed]
+                    per_seed_steps[seed] = _steps_to_near(mine, metric.near)
+            methods[key] = {
+                "label": label,
+                "extra_steps": extra if key in BUDGETED or key == "relu_scratch" else 0,
+                "final": [r["final"] for r in full],
+                "final_loss": [r["final_loss"] for r in full],
+                "vs_gelu": [r["vs_gelu"] for r in full],
+                "drop_at_swap": [r["drop_at_swap"] for r in full if r["drop_at_swap"] is not None],
+                "steps_to_near": per_seed_steps,
+            }
+        summary[pair.name] = {"title": pair.title, "metric": metric.name, "methods": methods,
+                              "targets": _targets(methods, metric)}
+    return summary
+
+
+def _targets(methods: dict[str, Any], metric) -> dict[str, Any]:
+    ours = methods["harden_learned"]
+    gap = mean_std(ours["vs_gelu"])[0]
+    drops = {k: max(0.0, mean_std(methods[k]["drop_at_swap"])[0]) for k in SWAPPING}  # a gain counts as no drop
+    ours_final, ft_final = mean_std(ours["final"])[0], mean_std(methods["swap_ft"]["final"])[0]
+    return {
+        "within_target_of_gelu": gap <= metric.target,
+        "gap_to_gelu": gap,
+        "smallest_swap_drop": all(drops["harden_learned"] <= d + 1e-9 for d in drops.values()),
+        "swap_drops": drops,
+        "beats_swap_ft": metric.better(ours_final, ft_final),
+        "final_lambda_gelu": ours_final,
+        "final_swap_ft": ft_final,
+    }
+
+
+def _steps_text(per_seed: dict[int, int | None], extra: int) -> str:
+    if not per_seed:
+        return "–"
+    return " / ".join(f">{extra}" if v is None else str(v) for v in per_seed.values())
+
+
+def overview(summary: dict[str, Any], pairs: list[PairSpec]) -> str:
+    """Two tables over every pair: each method's final metric, and each swapping method's drop at the swap."""
+    finals, drops = [], []
+    for pair in pairs:
+        methods = summary[pair.name]["methods"]
+        digits = 2 if pair.metric.name == "accuracy" else 3
+        unit = "acc. %" if pair.metric.name == "accuracy" else "bpc"
+        finals.append([f"{pair.title} ({unit})", *[fmt_pm(methods[k]["final"], digits) for k, _ in METHODS]])
+        drops.append([f"{pair.title} ({pair.metric.damage_unit})",
+                      *[fmt_pm(methods[k]["drop_at_swap"], 2, signed=True) for k in SWAPPING]])
+    labels = dict(METHODS)
+    return (
+        "## All pairs\n\nFinal metric at equal extra-step budgets (mean ± std over seeds; accuracy: higher is "
+        "better, bpc: lower is better):\n\n"
+        + markdown_table(["pair", *[label for _, label in METHODS]], finals) + "\n\n"
+        + "Drop at the swap (positive = the swap cost quality):\n\n"
+        + markdown_table(["pair", *[labels[k] for k in SWAPPING]], drops) + "\n"
+    )
+
+
+def report(summary: dict[str, Any], pairs: list[PairSpec], ctx: StudyContext, meta: dict[str, Any]) -> str:
+    """The Markdown report: the main table per pair, the targets, the figures, how it was made."""
+    parts = ["# ReLU-ization table\n",
+             "Final metric of each method at the same extra-step budget E (mean ± std over seeds "
+             f"{list(ctx.seeds)}), its difference to the GELU baseline, the drop at the swap, and the "
+             "extra steps it needed, per seed, before its ReLU model was within 0.1 points (LM: 0.4% relative "
+             "bpc) of the smooth model it started from. Accuracy differences are in points (positive = worse); "
+             "for the language model every difference is the relative change of bits per character in % "
+             "(positive = worse).\n", overview(summary, pairs)]
+    target_rows = []
+    for pair in pairs:
+        s = summary[pair.name]
+        metric, extra = pair.metric, ctx.harden_steps(pair)
+        digits = 2 if metric.name == "accuracy" else 3
+        rows = []
+        for key, _ in METHODS:
+            m = s["methods"][key]
+            rows.append([m["label"], m["extra_steps"], fmt_pm(m["final"], digits),
+                         fmt_pm(m["vs_gelu"], 2, signed=True), fmt_pm(m["drop_at_swap"], 2, signed=True)
+                         if m["drop_at_swap"] else "–", _steps_text(m["steps_to_near"], extra)])
+        unit = "acc. %" if metric.name == "accuracy" else "bpc"
+        worse = "points" if metric.name == "accuracy" else "% rel."
+        parts.append(f"## {pair.title}\n\nS = {ctx.steps(pair)} training steps, E = {extra} extra steps.\n")
+        parts.append(markdown_table(["method", "extra steps", f"final {unit}", f"worse than GELU ({worse})",
+                                     f"drop at swap ({worse})", f"steps to within {metric.near:g} (per seed)"], rows,
+                                    "lrrrrr") + "\n")
+        parts.append(f"![{pair.name}](figures/{pair.name}.png)\n")
+        t = s["targets"]
+        met = "met" if t["within_target_of_gelu"] else "**missed**"
+        target_rows.append([pair.title, f"{t['gap_to_gelu']:+.2f} ({met})",
+                            "yes" if t["smallest_swap_drop"] else "**no**",
+                            f"{'yes' if t['beats_swap_ft'] else '**no**'} ({t['final_lambda_gelu']:.3f} vs "
+                            f"{t['final_swap_ft']:.3f})"])
+    wins = sum(summary[p.name]["targets"]["beats_swap_ft"] for p in pairs)
+    parts.append("## Targets\n\nlambda-gelu's ReLU model within 0.5 points (LM: 2% relative bpc) of the GELU "
+                 "baseline; the smallest drop at the swap of the five swapping methods; better than swap + "
+                 "fine-tuning at the same budget (mean final metric).\n")
+    parts.append(markdown_table(["pair", "worse than GELU", "smallest swap drop", "beats swap + FT"],
+                                target_rows, "lrrr") + "\n")
+    parts.append(f"lambda-gelu beats swap + fine-tuning on {wins} of {len(pairs)} pairs (target: 5 of 6).\n")
+    parts.append("![recovery](figures/recovery.png)\n")
+    parts.append(footer(meta))
+    return "\n".join(parts)
+
+
+DEFAULT_SEEDS = {"tiny": (0,), "quick": (0,), "full": (0, 1, 2)}
+"""Seeds per profile when none are given."""
+
+
+def run_relufy(out: str | Path, ctx: StudyContext, pairs: list[str] | None = None, force: bool = False
+               ) -> dict[str, Any]:
+    """Run the ReLU-ization study and write its results folder; returns the summary."""
+    from lambda_gelu.studies.figures import plot_recovery, plot_relufy_pair
+
+    specs = parse_pairs(pairs, list(PAIRS))
+    ctx = ctx.with_default_seeds(DEFAULT_SEEDS)
+    started = time.time()
+    with staged_dir(out, force=force) as stage:
+        (stage / "figures").mkdir()
+        rows: list[dict[str, Any]] = []
+        for pair in specs:
+            for seed in ctx.seeds:
+                recipe = {"study": "relufy", "pair": pair.name, "seed": seed, "steps": ctx.steps(pair),
+                          "extra": ctx.harden_steps(pair), "grid": GRIDS[ctx.profile],
+                          "test_limit": pair.test_limit.get(ctx.profile), "lr": pair.lr,
+                          "batch_size": pair.batch_size, "harden": harden_config(pair, seed, 1).to_dict(),
+                          "model_kwargs": pair.model_kwargs(ctx.split(pair), ctx.tiny)}
+                rows.extend(cached(ctx, f"relufy-{pair.name}-seed{seed}", recipe,
+                                        lambda pair=pair, seed=seed: run_pair_seed(pair, ctx, seed)))
+        summary = summarize(rows, specs, ctx)
+        for pair in specs:
+            plot_relufy_pair(summary[pair.name], pair, stage / "figures" / f"{pair.name}.png")
+        plot_recovery(rows, specs, stage / "figures" / "recovery.png")
+        meta = run_metadata("relufy", ctx, specs, started, {"grid": GRIDS[ctx.profile]})
+        write_csv(stage / "runs.csv", rows)
+        write_json(stage / "summary.json", {"meta": meta, "summary": summary})
+        (stage / "README.md").write_text(report(summary, specs, ctx, meta))
+    ctx.say(f"relufy study done in {(time.time() - started) / 60:.1f} min -> {out}")
+    return summary
