@@ -21,21 +21,27 @@ The backward is ``torch.autograd.grad`` with a random upstream gradient. Bytes
 saved for backward per element are counted with
 ``torch.autograd.graph.saved_tensors_hooks``.
 
-Prints Markdown tables and writes everything as JSON.
+Prints Markdown tables and writes everything as JSON. ``--numerics-only``
+measures only the accuracy of each path (seconds, no timing);
+``--from-json FILE`` prints the tables of a saved run without measuring.
 
 Usage: python benchmarks/op_speed.py [--out runs/op_speed.json] [--force]
        [--sizes 65536,...] [--dtypes fp32,bf16] [--repeats 15] [--warmup 3] [--rounds 3] [--threads 2]
+       [--numerics-only]
+       python benchmarks/op_speed.py --from-json runs/op_speed.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -148,21 +154,35 @@ def measure(n: int, dtype: torch.dtype, warmup: int, repeats: int) -> dict:
 
 
 def numerics() -> list[dict]:
-    """Max |error| of each path against float64 ``x·Φ(λx)`` on 2M+1 fp32 points with λx in [-10, 10]."""
+    """Errors of each path against float64 ``x·Φ(λx)`` on 2M+1 fp32 points with λx in [-10, 10].
+
+    Per λ: the max |error| over all points, and (under ``"left tail max rel"``) the max relative error over
+    the points with λx <= -1, where x·Φ(λx) is small and 1 + erf(λx/√2) cancels.
+    """
     x = torch.linspace(-10.0, 10.0, 2 * (1 << 20) + 1)
     rows = []
     for lam in (1.0, 2.5, 100.0):
         xs = x / lam  # the curved region |λx| <= 10
-        truth = xs.double() * torch.special.ndtr(lam * xs.double())
-        row = {"lambda": lam}
+        x64 = xs.double()
+        truth = x64 * 0.5 * torch.special.erfc(-lam * x64 / math.sqrt(2.0))  # Φ(z) = ½erfc(−z/√2): no cancellation
+        row: dict = {"lambda": lam}
+        outputs = {}
         for name, mode in (("compiled", "on"), ("fast eager", "off")):
             kernels.set_compile_mode(mode)
             assert op_path(xs, lam) == name
-            row[name] = float((lambda_gelu(xs, lam).double() - truth).abs().max())
+            outputs[name] = (lambda_gelu(xs, lam), slice(None))
         kernels.set_compile_mode(None)
         sample = slice(None, None, 40)  # 52K points: below FAST_MIN_NUMEL, so the exact path
-        row["exact eager (ndtr)"] = float((lambda_gelu(xs[sample], lam).double() - truth[sample]).abs().max())
-        row["F.gelu(λx)/λ"] = float((lambda_gelu_reference(xs, torch.tensor(lam)).double() - truth).abs().max())
+        assert op_path(xs[sample], lam) == "exact eager"
+        outputs["exact eager (erfc)"] = (lambda_gelu(xs[sample], lam), sample)
+        outputs["F.gelu(λx)/λ"] = (lambda_gelu_reference(xs, torch.tensor(lam)), slice(None))
+        tail = {}
+        for name, (out, where) in outputs.items():
+            error = out.double() - truth[where]
+            row[name] = float(error.abs().max())
+            left = lam * x64[where] <= -1.0
+            tail[name] = float((error[left] / truth[where][left]).abs().max())
+        row["left tail max rel"] = tail
         if lam == 1.0:
             row["compiled vs F.gelu"] = float((_compiled(xs) - F.gelu(xs)).abs().max())
             kernels.set_compile_mode("off")
@@ -181,12 +201,20 @@ def _compiled(x: torch.Tensor) -> torch.Tensor:
 
 
 def _numerics_table(rows: list[dict]) -> str:
-    names = [k for k in rows[0] if k != "lambda" and "vs" not in k]
+    names = [k for k, v in rows[0].items() if isinstance(v, float) and k != "lambda" and "vs" not in k]
     lines = ["**Max |error| against float64 x·Φ(λx)** (fp32 inputs spanning |λx| <= 10)", ""]
     lines.append("| λ | " + " | ".join(names) + " |")
     lines.append("| ---: | " + " | ".join("---:" for _ in names) + " |")
     for row in rows:
         lines.append(f"| {row['lambda']:g} | " + " | ".join(f"{row[n]:.2e}" for n in names) + " |")
+    if "left tail max rel" in rows[0]:
+        tail_names = list(rows[0]["left tail max rel"])
+        lines += ["", "**Max relative error in the left tail** (the same points with −10 <= λx <= −1)", ""]
+        lines.append("| λ | " + " | ".join(tail_names) + " |")
+        lines.append("| ---: | " + " | ".join("---:" for _ in tail_names) + " |")
+        for row in rows:
+            tail = row["left tail max rel"]
+            lines.append(f"| {row['lambda']:g} | " + " | ".join(f"{tail[n]:.2e}" for n in tail_names) + " |")
     first = rows[0]
     lines.append("")
     lines.append(
@@ -240,8 +268,34 @@ def _saved_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def tables_from_report(report: dict) -> str:
+    """The Markdown tables of a saved report (a full run, or a ``--numerics-only`` one)."""
+    parts = []
+    if report.get("results"):
+        results = report["results"]
+        parts += [
+            _table(results, "forward_s", "Forward"),
+            _table(results, "forward_backward_s", "Forward + backward"),
+            _saved_table(results),
+        ]
+    if report.get("numerics"):
+        parts.append(_numerics_table(report["numerics"]))
+    return "\n\n".join(parts)
+
+
+def _header(report: dict) -> str:
+    line = f"command: {report['command']} (torch {report['torch']}, {report['threads']} threads"
+    if report.get("results"):
+        line += f", {report['rounds']} rounds × {report['repeats']} repeats after {report['warmup']} warm-up"
+    if report.get("first_compile_s") is not None:
+        line += f"; first compile {report['first_compile_s']:.1f} s"
+    return line + ")"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--from-json", metavar="FILE", help="print the tables of a saved run; measure nothing")
+    parser.add_argument("--numerics-only", action="store_true", help="measure only the accuracy table (seconds)")
     parser.add_argument("--out", default="runs/op_speed.json")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)))
@@ -251,8 +305,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="independent rounds per size (ratios: median)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    command = " ".join(["python", "benchmarks/op_speed.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+        print(_header(report))
+        print()
+        print(tables_from_report(report))
+        return
     out = check_writable(args.out, args.force)
     torch.set_num_threads(args.threads)
+    if args.numerics_only:
+        report = {"command": command, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "machine": platform.processor() or platform.machine(), "numerics": numerics(),
+                  "compile_status": kernels.compile_status()}
+        print(tables_from_report(report))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {out}")
+        return
     sizes = [int(s) for s in args.sizes.split(",")]
     dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
 
@@ -275,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     results = [combine_rounds(rounds) for rounds in runs.values()]
 
     report = {
-        "command": " ".join(["python", "benchmarks/op_speed.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": command,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
@@ -288,12 +358,7 @@ def main(argv: list[str] | None = None) -> None:
         "results": results,
         "numerics": accuracy,
     }
-    tables = "\n\n".join([
-        _table(results, "forward_s", "Forward"),
-        _table(results, "forward_backward_s", "Forward + backward"),
-        _saved_table(results),
-        _numerics_table(accuracy),
-    ])
+    tables = tables_from_report(report)
     print(f"first compile (forward + backward, {args.dtypes}): {compile_s:.1f} s")
     print()
     print(tables)

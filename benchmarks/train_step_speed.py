@@ -15,7 +15,8 @@ per round; each ratio is the median over ``--rounds`` rounds of the ratio of
 that round's median step times, reported with its range over the rounds.
 
 Usage: python benchmarks/train_step_speed.py [--out runs/train_step_speed.json] [--force]
-       [--repeats 5] [--rounds 4] [--warmup 3] [--threads 2]
+       [--repeats 5] [--rounds 4] [--warmup 3] [--threads 2] [--profile]
+       python benchmarks/train_step_speed.py --from-json runs/train_step_speed.json   (tables only, no measuring)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -154,8 +156,31 @@ def gate_profile(kind: str, steps: int = 3) -> dict[str, float]:
     return profile
 
 
+def tables(results: list[dict]) -> str:
+    """The Markdown tables of measured (or saved) results: step ratios, and the gate profile where present."""
+    names = list(VARIANTS)
+    lines = ["| model | GELU step ms | " + " | ".join(f"{n} ÷ GELU" for n in names[1:]) + " |"]
+    lines.append("| --- | ---: | " + " | ".join("---:" for _ in names[1:]) + " |")
+    for r in results:
+        label = (f"{r['model']} ({r['parameters'] / 1e6:.2f}M params, {r['gates']} gates × "
+                 f"{r['elements_per_gate'] / 1e6:.2f}M elements)")
+        cells = [f"{r['ratio'][n]:.3f} ({r['ratio_range'][n][0]:.2f}–{r['ratio_range'][n][1]:.2f})"
+                 for n in names[1:]]
+        lines.append(f"| {label} | {r['step_s']['GELU'] * 1e3:.0f} | " + " | ".join(cells) + " |")
+    if all("profile" in r for r in results):
+        lines += ["", "| model | GELU gates ms/step | λ-GELU gates ms/step | GELU step ms (profiled) "
+                      "| gates' extra ÷ step |", "| --- | ---: | ---: | ---: | ---: |"]
+        for r in results:
+            p = r["profile"]
+            extra = (p["λ-GELU compiled gates ms/step"] - p["GELU gates ms/step"]) / p["GELU step ms (profiled)"]
+            lines.append(f"| {r['model']} | {p['GELU gates ms/step']:.1f} | {p['λ-GELU compiled gates ms/step']:.1f} | "
+                         f"{p['GELU step ms (profiled)']:.0f} | {extra:+.1%} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--from-json", metavar="FILE", help="print the tables of a saved run; measure nothing")
     parser.add_argument("--out", default="runs/train_step_speed.json")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     parser.add_argument("--models", default="vit,gpt")
@@ -165,6 +190,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="also attribute step time to the gates (profiler)")
     args = parser.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        print(f"command: {saved['command']} (torch {saved['torch']}, {saved['threads']} threads, "
+              f"{saved['rounds']} rounds × {saved['repeats']} steps after {saved['warmup']} warm-up)")
+        print()
+        print(tables(saved["results"]))
+        return
     out = check_writable(args.out, args.force)
     torch.set_num_threads(args.threads)
 
@@ -175,25 +207,8 @@ def main(argv: list[str] | None = None) -> None:
             results[-1]["profile"] = gate_profile(kind)
         print(f"measured {kind}", flush=True)
 
-    names = list(VARIANTS)
-    lines = ["| model | GELU step ms | " + " | ".join(f"{n} ÷ GELU" for n in names[1:]) + " |"]
-    lines.append("| --- | ---: | " + " | ".join("---:" for _ in names[1:]) + " |")
-    for r in results:
-        label = (f"{r['model']} ({r['parameters'] / 1e6:.2f}M params, {r['gates']} gates × "
-                 f"{r['elements_per_gate'] / 1e6:.2f}M elements)")
-        cells = [f"{r['ratio'][n]:.3f} ({r['ratio_range'][n][0]:.2f}–{r['ratio_range'][n][1]:.2f})"
-                 for n in names[1:]]
-        lines.append(f"| {label} | {r['step_s']['GELU'] * 1e3:.0f} | " + " | ".join(cells) + " |")
-    if args.profile:
-        lines += ["", "| model | GELU gates ms/step | λ-GELU gates ms/step | GELU step ms (profiled) "
-                      "| gates' extra ÷ step |", "| --- | ---: | ---: | ---: | ---: |"]
-        for r in results:
-            p = r["profile"]
-            extra = (p["λ-GELU compiled gates ms/step"] - p["GELU gates ms/step"]) / p["GELU step ms (profiled)"]
-            lines.append(f"| {r['model']} | {p['GELU gates ms/step']:.1f} | {p['λ-GELU compiled gates ms/step']:.1f} | "
-                         f"{p['GELU step ms (profiled)']:.0f} | {extra:+.1%} |")
     print()
-    print("\n".join(lines))
+    print(tables(results))
     report = {
         "command": " ".join(["python", "benchmarks/train_step_speed.py", *(sys.argv[1:] if argv is None else argv)]),
         "torch": torch.__version__,

@@ -200,6 +200,22 @@ def test_saves_only_x_and_lambda_compiled_or_not(mode, path_mode):
     assert x.grad is not None and lam.grad is not None
 
 
+@pytest.mark.parametrize("z", [-6.0, -8.5, -20.0, -37.0])
+def test_exact_path_is_accurate_in_relative_terms_in_the_left_tail(z):
+    """fp64 takes the exact path, whose Φ(z) = ½·erfc(−z/√2) does not cancel for z < 0 (``ndtr`` returns 0 below
+    z ≈ −8.3 in fp64); f and ∂f/∂x against Python's ``math.erfc``, in relative terms, at λ = 2."""
+    lam = 2.0
+    x = torch.tensor([z / lam], dtype=torch.float64, requires_grad=True)
+    assert op_path(x.detach(), torch.tensor(lam, dtype=torch.float64)) == "exact eager"
+    f = lambda_gelu(x, torch.tensor(lam, dtype=torch.float64))
+    f.backward()
+    cdf = 0.5 * math.erfc(-z / SQRT2)
+    pdf = math.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    want_f, want_dx = z / lam * cdf, cdf + z * pdf  # ∂f/∂x = Φ(λx) + λx·φ(λx)
+    assert want_f != 0.0 and f.item() == pytest.approx(want_f, rel=1e-11)
+    assert x.grad.item() == pytest.approx(want_dx, rel=1e-11)
+
+
 # ---------------------------------------------------------------- compiled kernels (torch.compile)
 
 
@@ -210,7 +226,7 @@ def _check_compiled(x, lam, dim, approximate="none"):
     out, gx, gl = run(x, lam, approximate, dim=dim, grad_out=g)
     assert kernels.compile_status()["devices"][x.device.type]["failed"] is None
     layout = "flat" if dim is None else "channel"
-    for kernel in ["_fused_forward", "_fused_backward"]:  # both ran as compiled functions
+    for kernel in ["_kernel_forward", "_kernel_backward"]:  # both ran as compiled functions
         assert any(key[:4] == (kernel, x.device.type, approximate, layout) for key in kernels._compiled), kernel
     want_gx, want_gl = ref_grads(x, lam_b, g, approximate)
     finite = torch.isfinite(x)

@@ -16,10 +16,10 @@ So, with C = 8 for the handful of roundings:
 * ∂f/∂λ = x²·φ(z):        |Δ| <= C·u·(1 + z²)·x²·φ(z)
 
 The last terms of the first two (C·u·|x| and C·u) are there because Φ is NOT relatively accurate in the left
-tail on torch 2.13's CPU: ``torch.special.ndtr`` evaluates ½(1 + erf(z/√2)), which cancels for z < 0 (fp32:
-4% off at z = −5, 0 below z ≈ −5.5; fp64: 0 at z = −10), and the fast path's ATen GELU does the same; Φ is
-then accurate to u in absolute terms only. ½·erfc(−z/√2) would be accurate in relative terms;
-:func:`test_left_tail_is_accurate_in_relative_terms` is the expected failure that says so. Also
+tail on every path: ``torch.special.ndtr`` (the compiled kernels) evaluates ½(1 + erf(z/√2)), which cancels for
+z < 0 (fp32: 4% off at z = −5, 0 below z ≈ −5.5; fp64: 0 at z = −10), and the fast path's ATen GELU does the
+same; Φ is then accurate to u in absolute terms only. The exact path computes ½·erfc(−z/√2), which is accurate in
+relative terms; :func:`test_left_tail_is_accurate_in_relative_terms` checks it. Also
 plus an absolute floor for underflow: the dtype's smallest subnormal, and C·2⁻¹⁴⁹·(1 + |x|)² for fp32
 intermediates that are subnormal. ∂f/∂λ is tiny (<= 0.29/λ²) and, in the far tail, far below the floor of
 what fp32 can hold; a relative test would be meaningless there and an absolute one too weak elsewhere, hence
@@ -188,8 +188,6 @@ def test_the_bounds_catch_lost_precision_and_a_wrong_derivative():
     assert abs(no_z_phi - ref["dx"]) > U * abs(ref["dx"]) + C * U * ref["dx_scale"]
 
 
-@pytest.mark.xfail(reason="torch.special.ndtr (and ATen's GELU) cancel in the left tail on torch 2.13 CPU; "
-                          "Φ(z) = ½·erfc(−z/√2) in ops.py would fix it", strict=False)
 @pytest.mark.parametrize("z", [-5.0, -7.0, -10.0])
 def test_left_tail_is_accurate_in_relative_terms(z):
     x = torch.tensor([z])

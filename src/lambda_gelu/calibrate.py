@@ -152,13 +152,16 @@ def _merge_reservoirs(
     return merged
 
 
+_SQRT_HALF = 0.5**0.5
+
+
 def gap_to_relu(x: torch.Tensor, lam: torch.Tensor | float, approximate: str = "none") -> torch.Tensor:
     """|f(x; λ) − ReLU(x)| computed without cancellation (float64)."""
     x = x.double()
     lam = torch.as_tensor(lam, dtype=torch.float64)
     a = x.abs()
     if approximate == "none":
-        return a * torch.special.ndtr(-lam * a)  # |x|·Φ(−λ|x|)
+        return a * 0.5 * torch.special.erfc(lam * a * _SQRT_HALF)  # |x|·Φ(−λ|x|) = |x|·½·erfc(λ|x|/√2)
     z = lam * a
     u = _TANH_C * z * (1.0 + _TANH_A * z * z)
     return a * torch.sigmoid(-2.0 * u)  # |x|·σ(−2|u|), from ½(1 + tanh u) = σ(2u)

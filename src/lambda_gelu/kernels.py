@@ -13,10 +13,11 @@ This module decides, per call, whether the compiled kernels run, and holds them.
 * ``"off"`` (``0``): never compile.
 * ``"on"`` (``1``): compile every call that can be compiled, whatever its size.
 * ``"auto"`` (the default): compile calls on at least :data:`AUTO_MIN_NUMEL`
-  elements. Compiling costs 10-60 s of CPU time the first time in a process
-  (seconds later on, from inductor's on-disk cache), and pays off only on large
-  activations: below 2^20 elements (4 MB in fp32) the op costs well under a
-  millisecond in eager mode, so a short job (a test, a demo on small data) would
+  elements. Compiling the forward and backward took 34 s the first time in a
+  process on the project's 2-core machine, and 7 s with inductor's on-disk
+  cache warm (docs/performance.md), and pays off only on large
+  activations: below 2^20 elements (4 MB in fp32) the op costs a few
+  milliseconds or less in eager mode, so a short job (a test, a demo on small data) would
   spend far longer compiling than it could save. Large activations come from
   the long training runs that make the compile cost negligible.
 

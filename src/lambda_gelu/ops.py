@@ -17,24 +17,36 @@ scalar path but NaN on its vectorised fp32/bf16 path; we return the limit.
 
 Three ways to run the same formulas, chosen per call (:func:`op_path` says which):
 
-* **compiled**: ``_fused_forward`` / ``_fused_backward`` compiled by
+* **compiled**: ``_kernel_forward`` / ``_kernel_backward`` (the exact path's
+  ``_fused_forward`` / ``_fused_backward`` with Φ in erf form) compiled by
   ``torch.compile`` into one fused kernel each (the ∂f/∂λ reduction included),
   when :mod:`lambda_gelu.kernels` says so (large tensors, a compiler present;
-  ``LAMBDA_GELU_COMPILE`` overrides). Inductor evaluates Φ through ``erf``, as
-  ``F.gelu`` does. The paths agree to rounding (a few ulp), not bit for bit.
+  ``LAMBDA_GELU_COMPILE`` overrides). The kernels evaluate Φ(z) as
+  ½(1 + erf(z/√2)) (:func:`_normal_cdf_erf`), as ``F.gelu`` does: accurate to
+  rounding in absolute terms, but 1 + erf cancels for z < 0, so deep in the
+  left tail (fp32: z below about −5.5) Φ and f come out 0.
 * **fast eager** (CPU, fp32/bf16/fp16, at least :data:`FAST_MIN_NUMEL`
   elements): f = GELU(λx)/λ through ATen's vectorised GELU and GELU-backward,
   in place on one buffer: three passes and one read-only check where
-  ``F.gelu`` takes one pass.
+  ``F.gelu`` takes one pass. It has ``F.gelu``'s error, the same left-tail
+  cancellation included.
 * **exact eager** (everything else: fp64, small tensors, other devices, and
   inside tracers such as ``torch.compile``, which then fuse these formulas
-  into their own graph): the formulas below with ``ndtr``, accurate in
-  relative terms in both tails.
+  into their own graph): the formulas below with Φ(z) = ½·erfc(−z/√2)
+  (:func:`_normal_cdf`), accurate in relative terms in the left tail too
+  (until Φ underflows the dtype). Not ``torch.special.ndtr``: on torch 2.13's
+  CPU it computes ½(1 + erf(z/√2)) for z < 0 and returns 0 below z ≈ −5.5 in
+  fp32 and z ≈ −8.3 in fp64.
+
+All paths are accurate to rounding in absolute terms (errors of a few ε·|x|) and
+agree to that, not bit for bit; only the exact path is also accurate in relative
+terms in the left tail (docs/performance.md, "Accuracy of each path").
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -54,25 +66,44 @@ def _compute_dtype(x: torch.Tensor, lam: torch.Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(x.dtype, lam.dtype), torch.float32)
 
 
-def _forward(x: torch.Tensor, lam: torch.Tensor, approximate: str) -> torch.Tensor:
-    """f(x; λ) in the compute dtype of (x, λ)."""
+_SQRT_HALF = math.sqrt(0.5)
+
+NormalCDF = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _normal_cdf(z: torch.Tensor) -> torch.Tensor:
+    """Φ(z) = ½·erfc(−z/√2), accurate in relative terms for z < 0 too (no 1 + erf cancellation)."""
+    return 0.5 * torch.special.erfc(-_SQRT_HALF * z)
+
+
+def _normal_cdf_erf(z: torch.Tensor) -> torch.Tensor:
+    """Φ(z) as ``torch.special.ndtr`` computes it: ½(1 + erf(z/√2)), both in ATen (torch 2.13) and in inductor's
+    decomposition; F.gelu's form. Accurate in absolute terms only: 0 for z below about −5.5 (fp32).
+
+    The compiled kernels use it: it is what their timings in docs/performance.md were measured with.
+    """
+    return torch.special.ndtr(z)
+
+
+def _forward(x: torch.Tensor, lam: torch.Tensor, approximate: str, cdf: NormalCDF = _normal_cdf) -> torch.Tensor:
+    """f(x; λ) in the compute dtype of (x, λ); ``cdf`` evaluates Φ."""
     z = lam * x
     if approximate == "none":
-        # f = x·Φ(λx); ndtr is Φ, accurate in both tails.
-        return x * torch.special.ndtr(z)
+        # f = x·Φ(λx)
+        return x * cdf(z)
     # f = ½x(1 + tanh(u)), u = c(z + a z³)
     u = _TANH_C * z * (1.0 + _TANH_A * z * z)
     return 0.5 * x * (1.0 + torch.tanh(u))
 
 
 def _backward(
-    x: torch.Tensor, lam: torch.Tensor, approximate: str
+    x: torch.Tensor, lam: torch.Tensor, approximate: str, cdf: NormalCDF = _normal_cdf
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Elementwise (∂f/∂x, ∂f/∂λ) in the compute dtype of (x, λ)."""
+    """Elementwise (∂f/∂x, ∂f/∂λ) in the compute dtype of (x, λ); ``cdf`` evaluates Φ."""
     z = lam * x
     if approximate == "none":
         pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI  # φ(λx)
-        dfdx = torch.special.ndtr(z) + z * pdf  # ∂f/∂x = Φ(λx) + λx·φ(λx)
+        dfdx = cdf(z) + z * pdf  # ∂f/∂x = Φ(λx) + λx·φ(λx)
         dfdlam = x * x * pdf  # ∂f/∂λ = x²·φ(λx)
         return dfdx, dfdlam
     u = _TANH_C * z * (1.0 + _TANH_A * z * z)
@@ -99,22 +130,32 @@ FAST_MIN_NUMEL = 1 << 16
 _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _fused_forward(x: torch.Tensor, lam: torch.Tensor, approximate: str) -> torch.Tensor:
-    """f(x; λ) computed in the compute dtype, returned in x's dtype (the body of the compiled forward kernel)."""
+def _fused_forward(
+    x: torch.Tensor, lam: torch.Tensor, approximate: str, cdf: NormalCDF = _normal_cdf
+) -> torch.Tensor:
+    """f(x; λ) computed in the compute dtype, returned in x's dtype (the exact path; with ``_normal_cdf_erf``,
+    the body of the compiled forward kernel)."""
     dtype = _compute_dtype(x, lam)
-    return _forward(x.to(dtype), lam.to(dtype), approximate).to(x.dtype)
+    return _forward(x.to(dtype), lam.to(dtype), approximate, cdf).to(x.dtype)
 
 
 def _fused_backward(
-    x: torch.Tensor, lam: torch.Tensor, grad_out: torch.Tensor, approximate: str, need_x: bool, need_lam: bool
+    x: torch.Tensor,
+    lam: torch.Tensor,
+    grad_out: torch.Tensor,
+    approximate: str,
+    need_x: bool,
+    need_lam: bool,
+    cdf: NormalCDF = _normal_cdf,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(∂L/∂x, ∂L/∂λ) from the upstream gradient (the body of the compiled backward kernel).
+    """(∂L/∂x, ∂L/∂λ) from the upstream gradient (the exact path; with ``_normal_cdf_erf``, the body of the
+    compiled backward kernel).
 
     ∂L/∂x = g·∂f/∂x in x's dtype; ∂L/∂λ = Σ g·∂f/∂λ over λ's broadcast dims,
     summed in the compute dtype (fp32, fp64 for fp64 inputs) and then cast.
     """
     dtype = _compute_dtype(x, lam)
-    dfdx, dfdlam = _backward(x.to(dtype), lam.to(dtype), approximate)
+    dfdx, dfdlam = _backward(x.to(dtype), lam.to(dtype), approximate, cdf)
     grad_out = grad_out.to(dtype)
     grad_x = (grad_out * dfdx).to(x.dtype) if need_x else None
     grad_lam = _reduce_to(grad_out * dfdlam, lam.shape).to(lam.dtype) if need_lam else None
@@ -178,6 +219,18 @@ def _backward_fast(
 # ---------------------------------------------------------------- compiled path
 
 
+def _kernel_forward(x: torch.Tensor, lam: torch.Tensor, approximate: str) -> torch.Tensor:
+    """The body of the compiled forward kernel: :func:`_fused_forward` with Φ in F.gelu's erf form."""
+    return _fused_forward(x, lam, approximate, _normal_cdf_erf)
+
+
+def _kernel_backward(
+    x: torch.Tensor, lam: torch.Tensor, grad_out: torch.Tensor, approximate: str, need_x: bool, need_lam: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The body of the compiled backward kernel: :func:`_fused_backward` with Φ in F.gelu's erf form."""
+    return _fused_backward(x, lam, grad_out, approximate, need_x, need_lam, _normal_cdf_erf)
+
+
 def _compiled_layout(x: torch.Tensor, lam: torch.Tensor) -> tuple[str, tuple[int, ...], tuple[int, ...]] | None:
     """(layout name, x view shape, λ view shape) for the compiled kernels, or None if they do not take this case.
 
@@ -207,7 +260,7 @@ def _forward_compiled(x: torch.Tensor, lam: torch.Tensor, approximate: str) -> t
     name, x_shape, lam_shape = layout
     key = (x.device.type, approximate, name, x.dtype, lam.dtype)
     out = kernels.run_compiled(
-        _fused_forward, key, x.device.type, x.contiguous().view(x_shape), lam.reshape(lam_shape), approximate
+        _kernel_forward, key, x.device.type, x.contiguous().view(x_shape), lam.reshape(lam_shape), approximate
     )
     return None if out is None else out.view(x.shape)
 
@@ -221,7 +274,7 @@ def _backward_compiled(
     name, x_shape, lam_shape = layout
     key = (x.device.type, approximate, name, x.dtype, lam.dtype, grad_out.dtype, need_x, need_lam)
     grads = kernels.run_compiled(
-        _fused_backward, key, x.device.type,
+        _kernel_backward, key, x.device.type,
         x.contiguous().view(x_shape), lam.reshape(lam_shape), grad_out.contiguous().view(x_shape),
         approximate, need_x, need_lam,
     )
