@@ -255,6 +255,21 @@ def test_compiled_kernels_per_channel(mode):
     torch.testing.assert_close(gl.double(), want_gl.reshape(6), atol=1e-5, rtol=1e-5)
 
 
+
+def test_compiled_kernels_static_shapes_then_one_dynamic_graph(mode, monkeypatch):
+    """The first STATIC_SHAPES_PER_KEY shapes of a key get kernels of their own; later shapes share a dynamic one."""
+    mode("on")
+    monkeypatch.setattr(kernels, "STATIC_SHAPES_PER_KEY", 1)
+    monkeypatch.setattr(kernels, "_compiled", {})
+    monkeypatch.setattr(kernels, "_static_counts", {})
+    lam = torch.tensor(2.2)
+    for numel in (300, 517, 733):  # one static shape, then the dynamic graph twice
+        _check_compiled(torch.randn(numel) * 3, lam, None)
+    forward_keys = [key for key in kernels._compiled if key[0] == "_kernel_forward"]
+    static = [key for key in forward_keys if isinstance(key[-1], tuple)]
+    assert len(static) == 1 and static[0][-1][0] == (300,)
+    assert len(forward_keys) == 2  # + the one dynamic graph for 517 and 733
+
 class _TinyNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
