@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     minilm.add_argument("--tau", type=_unit_interval, help="per-layer tolerance τ of the targets")
     minilm.add_argument("--held-out", type=_positive_int, help="held-out sentences to report on")
     minilm.add_argument("--per-layer", action="store_true", help="one λ per layer instead of one per channel")
+    minilm.add_argument("--ramp-fraction", type=_unit_interval, help="share of the steps over which λ moves to λ*")
+    minilm.add_argument("--methods", nargs="+", choices=["direct_swap", "swap_distill", "lambda_gelu"],
+                        help="methods to run (default: all three)")
     minilm.add_argument("--seed", type=int, help="sentence order and initialisation seed")
     minilm.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
     _add_output_args(minilm, "results folder (results.md, results.json; no weights)")

@@ -562,7 +562,8 @@ def config_from_args(args: Any) -> MiniLMConfig:
     """The study's settings from ``lambda-gelu minilm`` arguments: the default or quick profile, then overrides."""
     base = MiniLMConfig.quick() if args.quick else MiniLMConfig()
     overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "tau": args.tau,
-                 "held_out": args.held_out, "seed": args.seed, "threads": args.threads}
+                 "held_out": args.held_out, "seed": args.seed, "threads": args.threads,
+                 "ramp_fraction": args.ramp_fraction, "methods": tuple(args.methods) if args.methods else None}
     if args.per_layer:
         overrides["per_channel"] = False
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
