@@ -31,16 +31,10 @@ from lambda_gelu.resume import Checkpointer
 from lambda_gelu.train import TrainConfig, fit
 
 ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
-MNIST = pytest.mark.skipif("mnist" not in DATASETS, reason="data.py has no 'mnist' IDX loader yet")
 SPLIT = load_dataset("digits")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- the workspace every case runs in
@@ -294,7 +288,6 @@ def test_cli_bad_input_one_line_exit_2_nothing_touched(ws, argv, mentions, capsy
     record_property("bad_inputs", 1)
 
 
-@MNIST
 @pytest.mark.parametrize("broken", [b for _, b in MNIST_CLI], ids=[i for i, _ in MNIST_CLI])
 def test_cli_malformed_idx_files(ws, broken, capsys, record_property):
     before = snapshot(ws.root)
@@ -426,7 +419,6 @@ def test_api_bad_input_one_clear_error_nothing_touched(ws, call, mentions, recor
     record_property("bad_inputs", 1)
 
 
-@MNIST
 @pytest.mark.parametrize("broken", [b for _, b in MNIST_API], ids=[i for i, _ in MNIST_API])
 def test_api_malformed_idx_files(ws, broken, record_property):
     before = snapshot(ws.root)

@@ -75,13 +75,7 @@ DTYPES = [torch.float32, torch.bfloat16,
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Element-wise work on 65536 elements is fastest (and least disturbed by a busy machine) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAST_MIN_NUMEL = getattr(ops, "FAST_MIN_NUMEL", None)

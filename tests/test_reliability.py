@@ -20,12 +20,7 @@ from lambda_gelu.train import BatchStream, FitStats, NonFiniteError, TrainConfig
 SPLIT = load_dataset("digits")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(hidden=(16, 16)) -> torch.nn.Module:

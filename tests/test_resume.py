@@ -41,13 +41,7 @@ HARDEN = HardenConfig(steps=40, retarget_every=10, distill_weight=0.5)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the killed run and its reference use the same arithmetic
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest (and identically in every process) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(hidden=(16, 16)) -> torch.nn.Module:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lambda_gelu.calibrate import activation_layers, discrepancy, layer_approximation, layer_targets
+from lambda_gelu.calibrate import DEFAULT_TAU, activation_layers, discrepancy, layer_approximation, layer_targets
 from lambda_gelu.convert import convert, relufy
 from lambda_gelu.integrations.common import calibrate_with
 from lambda_gelu.module import LambdaGELU
@@ -67,7 +67,7 @@ class MiniLMConfig:
     batch_size: int = 32
     lr: float = 1e-4
     warmup: int = 10
-    tau: float = 1e-5
+    tau: float = DEFAULT_TAU
     per_channel: bool = True
     ramp_fraction: float = 0.8
     retarget_every: int = 50
