@@ -88,9 +88,10 @@ def _widths(text: str) -> tuple[int, ...]:
     return widths
 
 
-def _add_data_args(parser: argparse.ArgumentParser, required: bool) -> None:
-    parser.add_argument("--dataset", choices=sorted(DATASETS), default="digits" if required else None,
-                        help="data set (default: digits%s)" % ("" if required else ", or the checkpoint's"))
+def _add_data_args(parser: argparse.ArgumentParser, from_checkpoint: bool) -> None:
+    """--dataset/--data-dir; commands that read a checkpoint default to the data set recorded in it."""
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default=None if from_checkpoint else "digits",
+                        help="data set (default: %s)" % ("the checkpoint's" if from_checkpoint else "digits"))
     parser.add_argument("--data-dir", help="where the data set's files are (for data sets that read files)")
 
 
@@ -127,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole pipeline on an embedded data set, with a report")
     demo.add_argument("--out", default="runs/demo", help="run folder to write (default: runs/demo)")
     demo.add_argument("--force", action="store_true", help="replace the run folder if it exists")
-    _add_data_args(demo, required=True)
+    _add_data_args(demo, from_checkpoint=False)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--steps", type=_positive_int, default=3000, help="training steps per model")
     demo.add_argument("--harden-steps", type=_positive_int, default=600, help="ReLU-ization (and fine-tuning) steps")
@@ -137,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model from scratch and save a checkpoint")
     _add_output_args(train, "checkpoint file (.safetensors)")
-    _add_data_args(train, required=True)
+    _add_data_args(train, from_checkpoint=False)
     train.add_argument("--model", choices=sorted(MODELS), default="mlp")
     train.add_argument("--hidden", type=_widths, default=(128, 128, 128))
     train.add_argument("--activation", choices=sorted(ACTIVATIONS), default="lambda_gelu")
@@ -157,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     hard = sub.add_parser("harden", help="move each λ to its target while the weights train (before the swap)")
     hard.add_argument("checkpoint", help="a λ-GELU checkpoint")
     _add_output_args(hard, "hardened checkpoint file")
-    _add_data_args(hard, required=False)
+    _add_data_args(hard, from_checkpoint=True)
     hard.add_argument("--steps", type=_positive_int, default=HardenConfig.steps)
     hard.add_argument("--tau", type=_unit_interval, default=HardenConfig.tau)
     hard.add_argument("--shape", choices=SHAPES, default=HardenConfig.shape)
@@ -170,20 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
     relu = sub.add_parser("relufy", help="swap every λ-GELU (or, with --include-gelu, GELU) gate for ReLU")
     relu.add_argument("checkpoint")
     _add_output_args(relu, "ReLU checkpoint file")
-    _add_data_args(relu, required=False)
+    _add_data_args(relu, from_checkpoint=True)
     relu.add_argument("--include-gelu", action="store_true", help="also swap plain GELU (the direct-swap baseline)")
     relu.add_argument("--onnx", help="also export the ReLU model to this ONNX file")
 
     prof = sub.add_parser("profile", help="print (and plot) the hardness profile of a checkpoint")
     prof.add_argument("checkpoint")
-    _add_data_args(prof, required=False)
+    _add_data_args(prof, from_checkpoint=True)
     prof.add_argument("--out", help="folder for profile.md, profile.json and plots")
     prof.add_argument("--force", action="store_true")
 
     chk = sub.add_parser("check", help="report: ONNX, int8 quantization, Marabou verification, activation sparsity")
     chk.add_argument("checkpoint", help="the ReLU-ized checkpoint (or a GELU-family one, or a demo run folder)")
     chk.add_argument("--gelu", help="the GELU original to compare with")
-    _add_data_args(chk, required=False)
+    _add_data_args(chk, from_checkpoint=True)
     chk.add_argument("--epsilon", type=float, default=0.01, help="L∞ radius of the robustness queries (default 0.01)")
     chk.add_argument("--points", type=_positive_int, default=10, help="test points to verify (default 10)")
     chk.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds per Marabou query (default 10)")
