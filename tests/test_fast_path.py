@@ -261,7 +261,6 @@ def test_compiled_kernels_static_shapes_then_one_dynamic_graph(mode, monkeypatch
     mode("on")
     monkeypatch.setattr(kernels, "STATIC_SHAPES_PER_KEY", 1)
     monkeypatch.setattr(kernels, "_compiled", {})
-    monkeypatch.setattr(kernels, "_static_counts", {})
     lam = torch.tensor(2.2)
     for numel in (300, 517, 733):  # one static shape, then the dynamic graph twice
         _check_compiled(torch.randn(numel) * 3, lam, None)

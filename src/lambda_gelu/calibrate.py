@@ -25,7 +25,7 @@ from torch import nn
 from lambda_gelu import distributed
 from lambda_gelu.convert import gelu_approximation, is_gelu
 from lambda_gelu.module import LAMBDA_MAX, LambdaGELU
-from lambda_gelu.ops import _TANH_A, _TANH_C
+from lambda_gelu.ops import _TANH_A, _TANH_C, _normal_cdf
 
 DEFAULT_TAU = 1e-5
 DEFAULT_MAX_VALUES = 1 << 18
@@ -152,16 +152,13 @@ def _merge_reservoirs(
     return merged
 
 
-_SQRT_HALF = 0.5**0.5
-
-
 def gap_to_relu(x: torch.Tensor, lam: torch.Tensor | float, approximate: str = "none") -> torch.Tensor:
     """|f(x; λ) − ReLU(x)| computed without cancellation (float64)."""
     x = x.double()
     lam = torch.as_tensor(lam, dtype=torch.float64)
     a = x.abs()
     if approximate == "none":
-        return a * 0.5 * torch.special.erfc(lam * a * _SQRT_HALF)  # |x|·Φ(−λ|x|) = |x|·½·erfc(λ|x|/√2)
+        return a * _normal_cdf(-lam * a)  # |x|·Φ(−λ|x|), Φ through erfc: no cancellation in the tail
     z = lam * a
     u = _TANH_C * z * (1.0 + _TANH_A * z * z)
     return a * torch.sigmoid(-2.0 * u)  # |x|·σ(−2|u|), from ½(1 + tanh u) = σ(2u)

@@ -74,7 +74,6 @@ _availability: dict[str, tuple[bool, str]] = {}
 _failures: dict[str, str] = {}
 _compiled: dict[Hashable, Callable[..., Any]] = {}
 _exhausted: set[Hashable] = set()
-_static_counts: dict[Hashable, int] = {}
 
 STATIC_SHAPES_PER_KEY = 4
 """Each kernel key is first compiled for fixed sizes, for up to this many distinct shapes (a training run has one
@@ -216,10 +215,10 @@ def run_compiled(fn: Callable[..., Any], key: tuple[Hashable, ...], device_type:
         with _lock:
             compiled = _compiled.get((*full_key, shapes)) or _compiled.get(full_key)
             if compiled is None:
-                static = _static_counts.get(full_key, 0) < STATIC_SHAPES_PER_KEY
+                static_shapes = sum(len(k) == len(full_key) + 1 and k[:-1] == full_key for k in _compiled)
+                static = static_shapes < STATIC_SHAPES_PER_KEY
                 tag = "_".join(str(part).replace(".", "_") for part in key)
                 if static:
-                    _static_counts[full_key] = _static_counts.get(full_key, 0) + 1
                     tag += "__" + "_".join("x".join(map(str, shape)) or "s" for shape in shapes)
                 _log.info("lambda_gelu: compiling %s for %s (the first call takes seconds)", fn.__name__, key)
                 compiled = torch.compile(_own_code(fn, tag), dynamic=not static, fullgraph=True)

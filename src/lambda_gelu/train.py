@@ -207,7 +207,8 @@ def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
         largest = torch._foreach_norm(present, float("inf"))  # max |t|: NaN and ±inf propagate, nothing overflows
     except (RuntimeError, TypeError, AttributeError):  # a tensor kind the fused norm does not take
         return all(bool(torch.isfinite(t).all()) for t in present)
-    return bool(torch.isfinite(torch.stack([v.float().cpu() for v in largest])).all())
+    device = largest[0].device
+    return bool(torch.isfinite(torch.stack([v.float().to(device) for v in largest])).all())  # the one sync
 
 
 def _lambdas(model: nn.Module) -> dict[str, torch.Tensor]:
