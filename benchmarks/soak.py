@@ -33,6 +33,7 @@ import torch
 
 from lambda_gelu import Hardener, HardnessRecorder, LambdaGELU, convert
 from lambda_gelu.data import Split, load_dataset
+from lambda_gelu.distill import Teacher
 from lambda_gelu.metrics import evaluate
 from lambda_gelu.models import build_model
 from lambda_gelu.resume import Checkpointer, load_state
@@ -58,12 +59,13 @@ def _faulty(split: Split, seed: int) -> Split:
 
 def _phase(name: str, model: torch.nn.Module, split: Split, config: TrainConfig, folder: Path,
            hardener: Hardener | None = None, distill_weight: float = 0.0) -> dict[str, object]:
+    teacher = Teacher(model) if distill_weight else None
     recorder = HardnessRecorder(model, every=10)
     stats = FitStats()
     stopped, last_good_ok = None, None
     started = time.time()
     try:
-        fit(model, split, config, hardener=hardener, distill_weight=distill_weight, recorder=recorder,
+        fit(model, split, config, hardener=hardener, teacher=teacher, distill_weight=distill_weight, recorder=recorder,
             progress=False, checkpointer=Checkpointer(folder / name, every=500), stats=stats)
     except NonFiniteError as error:
         stopped = str(error)
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [n for n, m in model.named_modules() if isinstance(m, LambdaGELU)]
         targets = {name: 10.0 ** (4 + i) for i, name in enumerate(names)}  # 1e4, 1e5, 1e6
         steps = max(1, 2 * args.steps // 5)
-        hardener = Hardener(model, targets, total_steps=steps // 2, distill=True)
+        hardener = Hardener(model, targets, total_steps=steps // 2)
         results.append(_phase("harden-to-1e6", model, split,
                               TrainConfig(steps=steps, lr=0.05, warmup=0, seed=args.seed), folder, hardener, 0.5))
 

@@ -16,7 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import lambda_gelu as lg
-from lambda_gelu.integrations.common import HardeningPlan, ScheduledHardening, calibrate_with, layer_lambdas
+from lambda_gelu.calibrate import calibrate
+from lambda_gelu.gates import layer_lambdas
+from lambda_gelu.integrations.common import HardeningPlan, ScheduledHardening
 
 
 def read_events(folder: Path):
@@ -69,10 +71,12 @@ def test_scheduled_hardening_reaches_the_targets_in_a_plain_loop():
         assert math.isclose(layer_lambdas(net)[name], target, rel_tol=1e-5)
         path = [row[name] for row in seen[3:]]
         assert all(b >= a - 1e-9 for a, b in itertools.pairwise(path))  # monotone ramp
-    # calibration on (input, target) tuples gives the same samples as on bare inputs
-    tuples = calibrate_with(net, [(batches[0], None)])
+    # calibration on (input, target) tuples, or on dicts with a forward, gives the same samples as on bare inputs
+    tuples = calibrate(net, [(batches[0], None)])
+    dicts = calibrate(net, [{"x": batches[0]}], forward=lambda model, batch: model(batch["x"]))
     plain = lg.calibrate(net, [batches[0]])
-    assert set(tuples) == set(plain) and all(torch.equal(tuples[k], plain[k]) for k in plain)
+    for other in (tuples, dicts):
+        assert set(other) == set(plain) and all(torch.equal(other[k], plain[k]) for k in plain)
 
 
 def test_tensorboard_helper_writes_scalars_and_histograms(tmp_path):

@@ -108,6 +108,20 @@ def test_int8_graph_matches_fp32_and_the_reference_graph(tiny: dict[str, Path], 
     assert int8.shape == fp32.shape
 
 
+def test_seven_bit_weights_where_onednn_saturates(monkeypatch: pytest.MonkeyPatch) -> None:
+    _extra("torchao", "quant")
+    from lambda_gelu.check.quantize import SEVEN_BIT_WEIGHTS, int8_quantization_config, needs_seven_bit_weights
+
+    low, high = SEVEN_BIT_WEIGHTS  # a vpmaddubsw pair of u8 x s8 products fits int16 with these, not with 8 bits
+    assert 2 * 255 * 127 > 2**15 - 1 >= 2 * 255 * max(-low, high)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert needs_seven_bit_weights()
+    narrow, default = int8_quantization_config(True), int8_quantization_config(False)
+    assert (narrow.weight.quant_min, narrow.weight.quant_max) == (low, high)
+    assert (default.weight.quant_min, default.weight.quant_max) == (-128, 127)
+    assert narrow.input_activation == default.input_activation  # activations keep all 8 bits
+
+
 def test_conv_bn_relu_fuses_and_bn_folds() -> None:
     _extra("torchao", "quant")
     from lambda_gelu.check.quantize import quantization_check

@@ -15,6 +15,7 @@ from lambda_gelu import (
     FunctionalGELUWarning,
     LambdaGELU,
     NoMatchError,
+    NotGELUError,
     convert,
     convert_fx,
     functional_gelu_calls,
@@ -22,11 +23,12 @@ from lambda_gelu import (
     relufy,
     replace_modules,
 )
-from lambda_gelu.convert import CONVERTED_ATTR, channel_counts, is_gelu
+from lambda_gelu.convert import CONVERTED_ATTR, channel_counts
+from lambda_gelu.gelu_types import is_gelu
 from lambda_gelu.models import MLP
 
 # ``lambda_gelu.convert`` is shadowed by the function of that name in the package namespace
-convert_module = importlib.import_module("lambda_gelu.convert")
+gelu_types = importlib.import_module("lambda_gelu.gelu_types")
 
 
 class Block(nn.Module):
@@ -363,8 +365,8 @@ class MySubGELU(MyGELU):
 @pytest.fixture
 def registry(monkeypatch):
     """A private copy of the GELU registry for the test (register_gelu_type mutates a global)."""
-    monkeypatch.setattr(convert_module, "GELU_REGISTRY", dict(convert_module.GELU_REGISTRY))
-    return convert_module.GELU_REGISTRY
+    monkeypatch.setattr(gelu_types, "GELU_REGISTRY", dict(gelu_types.GELU_REGISTRY))
+    return gelu_types.GELU_REGISTRY
 
 
 def test_register_gelu_type(registry):
@@ -393,9 +395,36 @@ def test_register_gelu_type_rejects_non_modules(registry):
         register_gelu_type(nn.GELU())  # type: ignore[arg-type]
 
 
-def test_unregistered_custom_gelu_is_not_converted():
-    with pytest.raises(NoMatchError):
-        convert(nn.Sequential(MyGELU()), check_functional=False)
+def test_unregistered_custom_gelu_is_found_by_what_it_computes():
+    """A family's own GELU class (here both forms, chosen per instance) is GELU-family without registration."""
+    model = nn.Sequential(nn.Linear(4, 4), MyGELU(), nn.Linear(4, 4), MySubGELU(tanh=True))
+    ref = copy.deepcopy(model)
+    assert convert(model, check_functional=False) == ["1", "3"]
+    assert model[1].approximate == "none" and model[3].approximate == "tanh"
+    _close(model(X), ref(X))
+
+
+class MyQuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Swish(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+def test_custom_class_named_gelu_that_is_not_gelu_is_refused():
+    model = nn.Sequential(nn.Linear(4, 4), MyQuickGELU(), nn.Linear(4, 4), nn.GELU())
+    with pytest.raises(NotGELUError, match="MyQuickGELU is neither"):
+        convert(model)
+    assert isinstance(model[1], MyQuickGELU) and isinstance(model[3], nn.GELU)  # nothing changed
+
+
+def test_custom_activation_that_is_not_gelu_is_left_alone():
+    model = nn.Sequential(nn.Linear(4, 4), Swish(), nn.Linear(4, 4), nn.GELU())
+    assert convert(model, check_functional=False) == ["3"]
+    assert isinstance(model[1], Swish)
 
 
 # ---------------------------------------------------------------- functional GELU

@@ -40,7 +40,7 @@ def _with_row(value: float, row: int = 100, feature: int = 0):
 def _steps_holding(split, config: TrainConfig, row: int) -> list[int]:
     """The 1-based steps whose batch holds training row ``row`` (the same stream fit draws)."""
     target = split.x_train[row]
-    stream = BatchStream(split, config.batch_size, config.seed)
+    stream = BatchStream.of_split(split, config.batch_size, config.seed)
     return [step for step in range(1, config.steps + 1)
             if torch.isclose(next(stream)[0], target, rtol=0, atol=0, equal_nan=True).all(dim=1).any()]
 

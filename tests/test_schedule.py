@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from lambda_gelu import Hardener, LambdaGELU, lambda_at
-from lambda_gelu.schedule import distillation_loss
+from lambda_gelu.distill import Objective, Teacher
+from lambda_gelu.losses import kl, kl_divergence, logits
 
 SHAPES = ["linear", "cosine"]
 
@@ -208,44 +209,43 @@ def test_retarget_path_is_monotone():
     assert lams[-1] == pytest.approx(1e3, rel=2e-6)
 
 
-def test_distill_teacher_is_frozen_copy():
+def test_teacher_is_a_frozen_copy_beside_the_schedule():
     model = Net()
     x = torch.randn(16, 4)
     with torch.no_grad():
         before = model(x)
-    hardener = Hardener(model, {"act1": 1e4, "act2": 1e4}, total_steps=2, distill=True)
-    teacher = hardener.teacher
-    assert teacher is not model and not teacher.training
-    assert all(not p.requires_grad for p in teacher.parameters())
+    teacher = Teacher(model)
+    hardener = Hardener(model, {"act1": 1e4, "act2": 1e4}, total_steps=2)
+    assert teacher.model is not model and not teacher.model.training
+    assert all(not p.requires_grad for p in teacher.model.parameters())
     for _ in range(2):
         hardener.step()
-    assert teacher.act1.lam.item() == pytest.approx(2.0, rel=1e-6)  # not hardened with the student
+    assert teacher.model.act1.lam.item() == pytest.approx(2.0, rel=1e-6)  # not hardened with the student
+    torch.testing.assert_close(teacher(x), before)
     with torch.no_grad():
-        torch.testing.assert_close(teacher(x), before)
         assert not torch.allclose(model(x), before, atol=1e-4)
     # identical logits: zero loss; hardened student: positive loss with a gradient
-    assert hardener.distillation_loss(before, x).item() == pytest.approx(0.0, abs=1e-7)
-    loss = hardener.distillation_loss(model(x), x)
+    objective = Objective(logits, ((1.0, kl),), teacher)
+    assert kl_divergence(before, teacher(x)).item() == pytest.approx(0.0, abs=1e-7)
+    loss = objective(model, x)
     assert loss.item() > 0
     loss.backward()
-    assert model.fc1.weight.grad is not None and teacher.fc1.weight.grad is None
+    assert model.fc1.weight.grad is not None and teacher.model.fc1.weight.grad is None
 
 
 def test_distillation_loss_function():
-    logits = torch.randn(8, 5)
-    assert distillation_loss(logits, logits.clone()).item() == pytest.approx(0.0, abs=1e-7)
-    assert distillation_loss(logits, logits + 3.0).item() == pytest.approx(0.0, abs=1e-6)  # shift-invariant
+    logits_ = torch.randn(8, 5)
+    assert kl_divergence(logits_, logits_.clone()).item() == pytest.approx(0.0, abs=1e-7)
+    assert kl_divergence(logits_, logits_ + 3.0).item() == pytest.approx(0.0, abs=1e-6)  # shift-invariant
     other = torch.randn(8, 5)
     p = torch.softmax(other / 2, -1)
-    want = (p * (torch.log(p) - torch.log_softmax(logits / 2, -1))).sum(-1).mean() * 4
-    torch.testing.assert_close(distillation_loss(logits, other, temperature=2.0), want)
+    want = (p * (torch.log(p) - torch.log_softmax(logits_ / 2, -1))).sum(-1).mean() * 4
+    torch.testing.assert_close(kl_divergence(logits_, other, temperature=2.0), want)
 
 
-def test_distill_false_has_no_teacher():
-    hardener = Hardener(Net(), {"act1": 3.0}, total_steps=2)
-    assert hardener.teacher is None
-    with pytest.raises(RuntimeError):
-        hardener.distillation_loss(torch.randn(2, 2), torch.randn(2, 4))
+def test_losses_that_compare_need_a_teacher():
+    with pytest.raises(ValueError, match="compares with a teacher"):
+        Objective(logits, ((1.0, kl),))(Net(), torch.randn(2, 4))
 
 
 @pytest.mark.parametrize(

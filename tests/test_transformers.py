@@ -21,11 +21,11 @@ from transformers import BertConfig, BertModel, GPT2Config, GPT2Model  # noqa: E
 from transformers.activations import ACT2CLS, ACT2FN  # noqa: E402
 
 import lambda_gelu as lg  # noqa: E402
-from lambda_gelu.convert import GELU_LOOKALIKES, GELU_REGISTRY, NotGELUError, is_gelu  # noqa: E402
+from lambda_gelu.convert import NotGELUError  # noqa: E402
+from lambda_gelu.gelu_types import GELU_LOOKALIKES, GELU_REGISTRY, classify_activation, is_gelu  # noqa: E402
 from lambda_gelu.integrations.transformers import (  # noqa: E402
     RelufyConfigWarning,
     activation_fields,
-    classify_activation,
     gelu_activation_names,
 )
 
@@ -240,18 +240,3 @@ def test_minilm_has_six_gelu_layers_and_reloads_as_relu(tmp_path, monkeypatch):
     report = reload_without_lambda_gelu(tmp_path, batch["input_ids"], expected)
     assert not report["lambda_gelu_imported"] and report["config"]["hidden_act"] == "relu"
     assert report["max_diff"] <= 1e-5
-
-
-def test_minilm_command_line_builds_its_config():
-    """`lambda-gelu minilm` options land in the study's config; what is not given keeps the profile's default."""
-    from lambda_gelu.cli import build_parser
-    from lambda_gelu.integrations.minilm import MiniLMConfig, config_from_args
-
-    args = build_parser().parse_args(
-        ["minilm", "--quick", "--ramp-fraction", "0.3", "--methods", "lambda_gelu", "--per-layer", "--out", "x"])
-    config = config_from_args(args)
-    quick = MiniLMConfig.quick()
-    assert config.ramp_fraction == 0.3 and config.methods == ("lambda_gelu",) and config.per_channel is False
-    assert (config.steps, config.held_out, config.tau) == (quick.steps, quick.held_out, quick.tau)
-    default = config_from_args(build_parser().parse_args(["minilm", "--out", "x"]))
-    assert default == MiniLMConfig()

@@ -4,15 +4,19 @@ from lambda_gelu.calibrate import DEFAULT_TAU, calibrate, discrepancy, layer_tar
 from lambda_gelu.convert import (
     FunctionalGELUWarning,
     NoMatchError,
+    NotGELUError,
+    UnconvertibleGateError,
     channel_counts,
     convert,
     convert_fx,
     functional_gelu_calls,
-    register_gelu_type,
     relufy,
     replace_modules,
 )
 from lambda_gelu.fold import FoldReport, fold_lambda
+from lambda_gelu.gates import SmoothGateError, SmoothOp, assert_relu, smooth_gates
+from lambda_gelu.gelu_types import register_gelu_type
+from lambda_gelu.harden import HardenConfig, Reluized, reluize
 from lambda_gelu.kernels import compile_status, set_compile_mode
 from lambda_gelu.metrics import Disruption, Evaluation, disruption, evaluate
 from lambda_gelu.module import LambdaGELU
@@ -20,8 +24,7 @@ from lambda_gelu.ops import lambda_gelu
 from lambda_gelu.optim import param_groups
 from lambda_gelu.profile import HardnessRecorder, LayerHardness, hardness
 from lambda_gelu.schedule import Hardener, lambda_at
-
-__version__ = "0.1.0"
+from lambda_gelu.version import __version__
 
 __all__ = [
     "DEFAULT_TAU",
@@ -29,12 +32,19 @@ __all__ = [
     "Evaluation",
     "FoldReport",
     "FunctionalGELUWarning",
+    "HardenConfig",
     "Hardener",
     "HardnessRecorder",
     "LambdaGELU",
     "LayerHardness",
     "NoMatchError",
+    "NotGELUError",
+    "Reluized",
+    "SmoothGateError",
+    "SmoothOp",
+    "UnconvertibleGateError",
     "__version__",
+    "assert_relu",
     "calibrate",
     "channel_counts",
     "compile_status",
@@ -52,7 +62,9 @@ __all__ = [
     "param_groups",
     "register_gelu_type",
     "relufy",
+    "reluize",
     "replace_modules",
     "set_compile_mode",
+    "smooth_gates",
     "target_lambda",
 ]

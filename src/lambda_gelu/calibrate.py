@@ -23,35 +23,13 @@ import torch
 from torch import nn
 
 from lambda_gelu import distributed
-from lambda_gelu.convert import gelu_approximation, is_gelu
+from lambda_gelu.batches import Forward, default_forward, model_device, move_to
+from lambda_gelu.gates import activation_layers, layer_approximation, preserved_modes
 from lambda_gelu.module import LAMBDA_MAX, LambdaGELU
 from lambda_gelu.ops import _TANH_A, _TANH_C, _normal_cdf
 
 DEFAULT_TAU = 1e-5
 DEFAULT_MAX_VALUES = 1 << 18
-
-
-def activation_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """LambdaGELU and GELU-family layers of ``model`` by qualified name, in module order."""
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, LambdaGELU) or is_gelu(module)
-    }
-
-
-def layer_lambda(module: nn.Module) -> torch.Tensor:
-    """λ of an activation layer: its hardness for LambdaGELU, 1 for a GELU-family module."""
-    if isinstance(module, LambdaGELU):
-        return module.lam.double().cpu()
-    return torch.tensor(1.0, dtype=torch.float64)
-
-
-def layer_approximation(module: nn.Module) -> str:
-    """``"none"`` or ``"tanh"``: the form of an activation layer."""
-    if isinstance(module, LambdaGELU):
-        return module.approximate
-    return gelu_approximation(module) or "none"
 
 
 def _rows(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -62,10 +40,6 @@ def _rows(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return x.detach().movedim(module.channel_dim, -1).reshape(-1, channels)
 
 
-def _batch_input(batch: Any) -> Any:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
@@ -74,14 +48,18 @@ def calibrate(
     max_batches: int | None = None,
     seed: int = 0,
     gather: bool | None = None,
+    forward: Forward | None = None,
 ) -> dict[str, torch.Tensor]:
     """Collect each activation layer's pre-activations over ``batches``.
 
     Forward hooks on every LambdaGELU and GELU-family layer record their
     inputs; a seeded reservoir keeps a uniform sample of at most
     ``max_values`` values per layer (whole rows for per-channel layers), on
-    the CPU in float32. ``batches`` yields inputs or ``(input, target)``
-    tuples. The model runs in eval mode and is restored to its mode after.
+    the CPU in float32. ``batches`` yields batches of any format, each run by
+    ``forward(model, batch)`` (default :func:`lambda_gelu.batches.default_forward`:
+    ``model(x)`` for a tensor or an ``(x, y)`` tuple, ``model(**batch)`` for a
+    mapping). The model runs in eval mode; every submodule's own mode is
+    restored after.
 
     Returns ``{layer name: samples}``, samples of shape (n,) or (n, C).
 
@@ -113,18 +91,17 @@ def calibrate(
         return hook
 
     handles = [m.register_forward_hook(hook_for(n, m)) for n, m in layers.items()]
-    was_training = model.training
-    model.eval()
     try:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        for index, batch in enumerate(batches):
-            if max_batches is not None and index >= max_batches:
-                break
-            model(_batch_input(batch).to(device))
+        with preserved_modes(model, training=False):
+            device = model_device(model)
+            run = forward or default_forward
+            for index, batch in enumerate(batches):
+                if max_batches is not None and index >= max_batches:
+                    break
+                run(model, move_to(batch, device))
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     if gather:
         kept = _merge_reservoirs(list(layers), kept, keys, max_values)
     missing = [name for name in layers if name not in kept]

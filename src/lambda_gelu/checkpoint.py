@@ -21,7 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lambda_gelu.convert import gelu_approximation, replace_modules
+from lambda_gelu.convert import replace_modules
+from lambda_gelu.gelu_types import gelu_approximation
 from lambda_gelu.models import build_model
 from lambda_gelu.module import RAW_KEY, RAW_MAX, LambdaGELU
 

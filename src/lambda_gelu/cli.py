@@ -26,8 +26,11 @@ from lambda_gelu.profile import HardnessRecorder, hardness, profile_table
 from lambda_gelu.resume import Checkpointer, TrainingInterrupted, graceful_stop, open_run_state
 from lambda_gelu.schedule import SHAPES
 from lambda_gelu.train import OPTIMIZERS, FitStats, NonFiniteError, TrainConfig, fit
+from lambda_gelu.version import __version__
 
 EXIT_USAGE = 2
+HF_TASKS = ("feature-extraction", "sequence-classification", "masked-lm", "causal-lm", "image-classification")
+HF_METHODS = ("lambda-gelu", "direct-swap", "swap-distill", "swap-fold-distill")
 
 
 class UsageError(Exception):
@@ -122,8 +125,32 @@ def _run_state(args: argparse.Namespace, out: Any) -> Checkpointer:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``lambda-gelu`` command."""
     parser = _Parser(prog="lambda-gelu", description="Learn GELU gate hardness, then turn the network into ReLU.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    hf = sub.add_parser("hf", help="ReLU-ize your Hugging Face model folder on your data into a stock ReLU folder")
+    hf.add_argument("model_dir", metavar="MODEL_DIR", help="a folder saved by save_pretrained (safetensors weights)")
+    hf.add_argument("--data", required=True, help="a .txt (one example a line), .jsonl, .csv or .tsv file, a folder "
+                    "saved by datasets, or a folder of images; a tenth is held out for the report")
+    _add_output_args(hf, "output folder (a save_pretrained folder with the report as its README.md)")
+    hf.add_argument("--task", choices=sorted(HF_TASKS), help="default: from the config's architectures")
+    hf.add_argument("--method", choices=HF_METHODS, default="lambda-gelu",
+                    help="lambda-gelu (default), or a baseline: direct-swap, swap-distill, swap-fold-distill")
+    hf.add_argument("--baselines", action="store_true",
+                    help="also run every other method at the same budget; their folders go to OUT_DIR/baselines")
+    hf.add_argument("--steps", type=_positive_int, default=250, help="training steps of each trained method")
+    hf.add_argument("--batch-size", type=_positive_int, default=32)
+    hf.add_argument("--lr", type=_positive_float, default=1e-4)
+    hf.add_argument("--tau", type=_unit_interval, default=HardenConfig.tau, help="per-gate tolerance τ")
+    hf.add_argument("--per-layer", action="store_true", help="one λ per gate instead of one per channel")
+    hf.add_argument("--max-length", type=_positive_int, default=128, help="tokens per text example")
+    hf.add_argument("--text-field", help="the field of a .jsonl/.csv/datasets record that holds the text")
+    hf.add_argument("--seed", type=int, default=0)
+    hf.add_argument("--onnx", action="store_true", help="also export model.onnx and check it with onnxruntime")
+    hf.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code")
+    hf.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights, which can run code")
+    hf.add_argument("--no-progress", action="store_true")
+    hf.add_argument("--resume", action="store_true", help="continue a run stopped by a signal (same options)")
 
     demo = sub.add_parser("demo", help="the whole pipeline on an embedded data set, with a report")
     demo.add_argument("--out", default="runs/demo", help="run folder to write (default: runs/demo)")
@@ -211,28 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(study, "results folder")
     study.add_argument("--no-progress", action="store_true")
 
-    minilm = sub.add_parser("minilm", help="ReLU-ize the pretrained all-MiniLM-L6-v2 and compare with two baselines")
-    minilm.add_argument("--quick", action="store_true", help="a few-minute version (fewer steps and sentences)")
-    minilm.add_argument("--steps", type=_positive_int, help="distillation steps per trained method")
-    minilm.add_argument("--batch-size", type=_positive_int, help="sentences per step")
-    minilm.add_argument("--lr", type=_positive_float, help="AdamW learning rate of the weights")
-    minilm.add_argument("--tau", type=_unit_interval, help="per-layer tolerance τ of the targets")
-    minilm.add_argument("--held-out", type=_positive_int, help="held-out sentences to report on")
-    minilm.add_argument("--per-layer", action="store_true", help="one λ per layer instead of one per channel")
-    minilm.add_argument("--ramp-fraction", type=_unit_interval, help="share of the steps over which λ moves to λ*")
-    minilm.add_argument("--methods", nargs="+", choices=["direct_swap", "swap_distill", "lambda_gelu"],
-                        help="methods to run (default: all three)")
-    minilm.add_argument("--seed", type=int, help="sentence order and initialisation seed")
-    minilm.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
-    _add_output_args(minilm, "results folder (results.md, results.json; no weights)")
-    minilm.add_argument("--no-progress", action="store_true")
     return parser
-
-
-def _version() -> str:
-    from lambda_gelu import __version__
-
-    return __version__
 
 
 def _split_for(args: argparse.Namespace, header: dict[str, Any]) -> Split:
@@ -241,6 +247,23 @@ def _split_for(args: argparse.Namespace, header: dict[str, Any]) -> Split:
     if name is None:
         raise UsageError("the checkpoint does not say which data set it was trained on; pass --dataset")
     return load_dataset(name, args.data_dir, seed=int(meta.get("data_seed", 0)))
+
+
+def _cmd_hf(args: argparse.Namespace, command: str) -> int:
+    from lambda_gelu.runs.hf import HFConfig, run_hf
+
+    config = HFConfig(task=args.task, method=args.method, baselines=args.baselines, steps=args.steps,
+                      batch_size=args.batch_size, lr=args.lr, tau=args.tau, per_channel=not args.per_layer,
+                      seed=args.seed, max_length=args.max_length, text_field=args.text_field,
+                      trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, onnx=args.onnx)
+    run = {k: v for k, v in vars(args).items() if k not in {"resume", "force", "no_progress", "command"}}
+    metrics = run_hf(args.model_dir, args.data, args.out, config, force=args.force, progress=not args.no_progress,
+                     resume=args.resume, command=command, run_args=run)
+    for row in metrics["methods"].values():
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith(("cosine_mean", "agreement", "kl")))
+        print(f"{row['label']}: {shown} ({row['seconds']:.0f} s)")
+    print(f"-> {args.out}")
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace, command: str) -> int:
@@ -330,7 +353,7 @@ def _cmd_relufy(args: argparse.Namespace, command: str) -> int:
         check_writable(args.onnx, args.force)
     model, header = load_checkpoint(args.checkpoint)
     split = _split_for(args, header)
-    relu_model = relu_copy(model, include_gelu=args.include_gelu)
+    relu_model = relu_copy(model, include_gelu=args.include_gelu, example=split.x_test[:2])
     report = disruption(model, relu_model, split.test_batches())
     meta = dict(header.get("metadata", {}), relufy=report.to_dict(), command=command,
                 test_accuracy=report.accuracy_after)
@@ -399,17 +422,8 @@ def _cmd_study(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
-def _cmd_minilm(args: argparse.Namespace, command: str) -> int:
-    from lambda_gelu.integrations.minilm import config_from_args, write_study
-
-    check_writable(args.out, args.force)
-    write_study(args.out, config_from_args(args), command, force=args.force, progress=not args.no_progress)
-    print(f"-> {args.out}")
-    return 0
-
-
-COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "harden": _cmd_harden, "relufy": _cmd_relufy,
-            "profile": _cmd_profile, "check": _cmd_check, "study": _cmd_study, "minilm": _cmd_minilm}
+COMMANDS = {"hf": _cmd_hf, "demo": _cmd_demo, "train": _cmd_train, "harden": _cmd_harden, "relufy": _cmd_relufy,
+            "profile": _cmd_profile, "check": _cmd_check, "study": _cmd_study}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

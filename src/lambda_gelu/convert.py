@@ -16,34 +16,27 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from lambda_gelu.gates import (
+    SmoothGateError,
+    SmoothOp,
+    example_runner,
+    materialize_function_gates,
+    raise_on_gates,
+    record_gates,
+    refresh_fast_path_flags,
+)
+from lambda_gelu.gelu_types import GELU_REGISTRY, gelu_approximation, is_gelu, lookalike_reason
 from lambda_gelu.module import LambdaGELU
-from lambda_gelu.ops import Approximate
 
 ModuleFilter = Callable[[nn.Module, str], bool]
 
 CONVERTED_ATTR = "lambda_gelu_converted"
 """Attribute set on the root model: the qualified names changed by the last convert/relufy."""
-
-GELU_REGISTRY: dict[type[nn.Module], Callable[[nn.Module], Approximate]] = {
-    nn.GELU: lambda module: module.approximate,  # type: ignore[return-value]
-}
-"""GELU-family module types, each mapped to a function giving its ``approximate`` form.
-
-transformers' GELU classes join it on first use once the program has imported
-transformers (:mod:`lambda_gelu.integrations.transformers`); lambda-gelu never
-imports transformers itself.
-"""
-
-GELU_LOOKALIKES: dict[type[nn.Module], str] = {}
-"""Types that look like GELU but compute another function (QuickGELU, ClippedGELU), each with the reason.
-
-:func:`convert` refuses them (:class:`NotGELUError`) rather than change the
-model's function; :func:`register_gelu_type` on such a type is the explicit opt-in.
-"""
 
 
 class NoMatchError(ValueError):
@@ -58,60 +51,8 @@ class FunctionalGELUWarning(UserWarning):
     """``F.gelu`` is called inside a ``forward``; module replacement cannot reach it."""
 
 
-def register_gelu_type(
-    cls: type[nn.Module], approximate: Approximate | Callable[[nn.Module], Approximate] = "none"
-) -> None:
-    """Let :func:`convert` treat modules of type ``cls`` as GELU with the given approximation.
-
-    ``approximate`` is ``"none"``, ``"tanh"``, or a function of the module
-    instance that returns one of them. Registering a GELU look-alike (e.g.
-    transformers' QuickGELUActivation) accepts that :func:`convert` changes
-    the function it computes.
-    """
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"register_gelu_type expects an nn.Module subclass, got {cls!r}")
-    _load_integrations()  # so that a later lazy registration cannot override this one
-    GELU_LOOKALIKES.pop(cls, None)
-    GELU_REGISTRY[cls] = approximate if callable(approximate) else (lambda _m, a=approximate: a)
-
-
-def gelu_approximation(module: nn.Module) -> Approximate | None:
-    """The ``approximate`` form of a GELU-family module, or None if it is not one."""
-    _load_integrations()
-    for cls in type(module).__mro__:
-        if cls in GELU_REGISTRY:
-            return GELU_REGISTRY[cls](module)
-    return None
-
-
-def is_gelu(module: nn.Module) -> bool:
-    """True for modules of a registered GELU-family type."""
-    return gelu_approximation(module) is not None
-
-
-def lookalike_reason(module: nn.Module) -> str | None:
-    """Why ``module`` is a GELU look-alike that :func:`convert` refuses, or None if it is not one."""
-    _load_integrations()
-    for cls in type(module).__mro__:
-        if cls in GELU_REGISTRY:
-            return None
-        if cls in GELU_LOOKALIKES:
-            return GELU_LOOKALIKES[cls]
-    return None
-
-
-_integrations_loaded = False
-
-
-def _load_integrations() -> None:
-    """Register transformers' activation classes once the program has imported them (never imports them)."""
-    global _integrations_loaded
-    if _integrations_loaded or "transformers.activations" not in sys.modules:
-        return
-    _integrations_loaded = True
-    from lambda_gelu.integrations.transformers import register_transformers_activations
-
-    register_transformers_activations()
+class UnconvertibleGateError(SmoothGateError):
+    """A gate that no module swap reaches (a functional call, a run-time look-up, hand-written math)."""
 
 
 @dataclass(frozen=True)
@@ -171,8 +112,9 @@ def replace_modules(
     Replacements are all built first, then swapped in, so an exception from
     ``make`` leaves ``model`` unchanged. A module reachable under several names
     is replaced everywhere by one new object if any of its names is selected.
-    Does not descend into replaced modules. Returns the qualified names
-    changed, in module order. The root module itself is never replaced.
+    Does not descend into replaced modules; a replacement takes the train/eval
+    mode of the module it replaces. Returns the qualified names changed, in
+    module order. The root module itself is never replaced.
     """
     links = _links(model)
     chosen: dict[int, str] = {}
@@ -189,7 +131,7 @@ def replace_modules(
     for link in links:
         key = id(link.child)
         if key in chosen and key not in replacements and link.name not in inside_replaced:
-            replacements[key] = make(link.child, chosen[key])
+            replacements[key] = make(link.child, chosen[key]).train(link.child.training)  # keep the mode
     changed: list[str] = []
     for link in links:
         new = replacements.get(id(link.child))
@@ -234,7 +176,9 @@ def _run(
 ) -> list[str]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    materialize_function_gates(model)  # `activation = F.gelu` becomes an nn.GELU submodule: same function
     changed = replace_modules(model, _selector(source, patterns, filter_fn), make)
+    refresh_fast_path_flags(model)  # torch's fused encoder path must compute the gate the layer now holds
     if not changed:
         already = _selector(done, patterns, filter_fn)
         if not any(already(link.child, link.name) for link in _links(model)):
@@ -256,6 +200,7 @@ def convert(
     patterns: str | Sequence[str] | None = None,
     filter_fn: ModuleFilter | None = None,
     check_functional: bool = True,
+    example: Any = None,
 ) -> list[str]:
     """Replace every GELU-family activation of ``model`` (in place) by :class:`LambdaGELU`.
 
@@ -271,6 +216,17 @@ def convert(
         check_functional: warn (:class:`FunctionalGELUWarning`) about ``F.gelu``
             calls inside ``forward`` methods, which module replacement cannot
             reach; :func:`convert_fx` converts those.
+        example: inputs to run the model on once before converting (a tensor,
+            a tuple of positional arguments, a mapping of keyword arguments,
+            or a callable ``example(model)``):
+            a smooth gate that would not become a LambdaGELU (a functional call,
+            a run-time look-up, hand-written math) raises
+            :class:`UnconvertibleGateError`, naming it, with the model unchanged.
+
+    A functional GELU held as a module attribute (``self.activation = F.gelu``,
+    as ``nn.TransformerEncoderLayer(activation="gelu")`` keeps it) becomes an
+    ``nn.GELU`` submodule first, and torch's fused encoder-layer path is kept in
+    step with the gate the layer holds.
 
     Returns the qualified names changed (also stored on ``model.lambda_gelu_converted``).
     Modules that are already LambdaGELU are skipped; if nothing matches and
@@ -280,6 +236,9 @@ def convert(
     """
     p = _as_patterns(patterns)
     _refuse_lookalikes(model, _selector(lambda m: lookalike_reason(m) is not None, p, filter_fn))
+    if example is not None:
+        chosen = _selector(is_gelu, p, filter_fn)
+        _refuse_unreachable(model, lambda m, n: isinstance(m, LambdaGELU) or chosen(m, n), example)
 
     def make(module: nn.Module, name: str) -> nn.Module:
         if isinstance(num_channels, dict):
@@ -357,12 +316,22 @@ def relufy(
     patterns: str | Sequence[str] | None = None,
     filter_fn: ModuleFilter | None = None,
     include_gelu: bool = False,
+    example: Any = None,
 ) -> list[str]:
     """Replace every :class:`LambdaGELU` of ``model`` (in place) by ``nn.ReLU``.
 
     With ``include_gelu=True`` GELU-family modules are swapped too (the
     "direct swap" baseline). Selection, return value and errors as for
     :func:`convert`; modules that are already ``nn.ReLU`` are skipped.
+
+    ``example`` (a tensor: ``model(example)``; a tuple: ``model(*example)``; a
+    mapping: ``model(**example)``; a callable: ``example(model)``) makes relufy prove its result: before it
+    changes anything it runs the model once and refuses, naming each one
+    (:class:`UnconvertibleGateError`), any smooth gate that the swap would not
+    reach — a functional ``F.gelu`` in a ``forward``, an activation looked up
+    from the config at run time, hand-written GELU math, a gate left out by
+    ``patterns`` — and after the swap it checks with :func:`lambda_gelu.assert_relu`
+    that no smooth gate runs. Without ``example`` only module gates are seen.
 
     Every transformers ``PreTrainedModel`` inside ``model`` that is all-ReLU
     afterwards gets ``config.hidden_act = "relu"`` (and every other activation
@@ -374,6 +343,10 @@ def relufy(
     def source(module: nn.Module) -> bool:
         return isinstance(module, LambdaGELU) or (include_gelu and is_gelu(module))
 
+    selected = _selector(source, p, filter_fn)
+    if example is not None:  # with no gate module selected, _run's NoMatchError says why, unless worse is found
+        nothing = not any(selected(link.child, link.name) for link in _links(model))
+        _refuse_unreachable(model, selected, example, only_outside=nothing)
     what = "LambdaGELU modules" + (" and GELU-family modules" if include_gelu else "")
     changed = _run(model, source, lambda m: isinstance(m, nn.ReLU), lambda m, n: nn.ReLU(), p,
                    filter_fn, what)
@@ -381,7 +354,52 @@ def relufy(
         from lambda_gelu.integrations.transformers import set_relu_config
 
         set_relu_config(model, changed)  # config.hidden_act = "relu", so save_pretrained describes a ReLU model
+    if example is not None:
+        raise_on_gates(model, record_gates(model, example_runner(example)))
     return changed
+
+
+def unreachable_gates(model: nn.Module, example: Any, select: ModuleFilter | None = None) -> list[SmoothOp]:
+    """The smooth gates that ``model`` computes on ``example`` and that no module swap reaches.
+
+    A gate is reachable when a gate module computes it (one accepted by
+    ``select``; default: every λ-GELU and GELU-family module), directly or
+    through torch's fused encoder-layer path. What is left is a functional
+    call, an activation looked up at run time, or hand-written math.
+    ``example`` as for :func:`relufy`.
+    """
+    materialize_function_gates(model)
+    select = select or (lambda m, _n: isinstance(m, LambdaGELU) or is_gelu(m))
+    swapped = {link.name for link in _links(model) if select(link.child, link.name)}
+    gates = [op for op in record_gates(model, example_runner(example)) if op.gate]
+    fused_activation = {op.module: f"{op.module}.activation" if op.module else "activation" for op in gates}
+    return [op for op in gates if op.module not in swapped and fused_activation[op.module] not in swapped]
+
+
+def _refuse_unreachable(model: nn.Module, select: ModuleFilter, example: Any, only_outside: bool = False) -> None:
+    """Raise :class:`UnconvertibleGateError` for gates of ``model`` on ``example`` that no selected module computes
+    (``only_outside``: only for those that no gate module computes at all)."""
+    left = unreachable_gates(model, example, select)
+    if not left:
+        return
+    gate_modules = {name for name, m in model.named_modules() if isinstance(m, LambdaGELU) or is_gelu(m)}
+    gate_modules |= {name.rpartition(".")[0] for name in gate_modules if name.endswith("activation")}
+    outside = [op for op in left if op.module not in gate_modules]
+    if outside:
+        raise UnconvertibleGateError(_unreachable_message(model, outside), outside)
+    if only_outside:
+        return
+    shown = "; ".join(str(op) for op in left[:5]) + ("; ..." if len(left) > 5 else "")
+    raise UnconvertibleGateError(
+        f"{type(model).__name__}: {len(left)} smooth gate(s) would be left out of the swap: {shown}. "
+        "Select them too (patterns=/filter_fn=), or swap GELU modules directly with include_gelu=True", left)
+
+
+def _unreachable_message(model: nn.Module, left: list[SmoothOp]) -> str:
+    shown = "; ".join(str(op) for op in left[:5]) + ("; ..." if len(left) > 5 else "")
+    return (f"{type(model).__name__} computes {len(left)} smooth gate(s) that no module swap reaches: {shown}. "
+            "A functional call, a run-time look-up or hand-written math cannot be hardened and swapped; "
+            "replace it by an activation module in the model's code, or leave this model as it is")
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import nn
 
-import lambda_gelu
 from lambda_gelu.calibrate import calibrate
 from lambda_gelu.checkpoint import save_checkpoint
 from lambda_gelu.convert import convert
@@ -28,6 +27,7 @@ from lambda_gelu.plots import plot_gates, plot_profile, plot_trajectories
 from lambda_gelu.profile import HardnessRecorder, LayerHardness, hardness, profile_table
 from lambda_gelu.schedule import Hardener
 from lambda_gelu.train import TrainConfig, fit
+from lambda_gelu.version import __version__
 
 TARGET_FINAL_GAP = 0.5
 TARGET_SWAP_DROP = 0.2
@@ -219,7 +219,7 @@ def run_demo(
         gap = relu_eval.accuracy - gelu_eval.accuracy
         drop = ours.accuracy_before - ours.accuracy_after
         metrics = {
-            "lambda_gelu_version": lambda_gelu.__version__,
+            "lambda_gelu_version": __version__,
             "torch_version": torch.__version__,
             "python": platform.python_version(),
             "command": command,

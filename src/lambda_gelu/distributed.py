@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lambda_gelu.batches import batch_rows, take_rows
+
 
 def is_active() -> bool:
     """True inside an initialized process group of more than one process."""
@@ -80,13 +82,16 @@ def wrap(model: nn.Module) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
-def shard(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """This rank's rows of a global batch and its loss scale ``world · n_r / n`` (1.0 in one process)."""
+def shard(batch: Any) -> tuple[Any, float]:
+    """This rank's rows of a global batch (every tensor cut along dim 0) and its loss scale ``world · n_r / n``.
+
+    In one process: the batch itself and 1.0.
+    """
     if not is_active():
-        return x, y, 1.0
+        return batch, 1.0
     world, here = world_size(), rank()
-    x_local, y_local = x.tensor_split(world)[here], y.tensor_split(world)[here]
-    return x_local, y_local, world * y_local.numel() / max(1, y.numel())
+    local = take_rows(batch, here, world)
+    return local, world * batch_rows(local) / max(1, batch_rows(batch))
 
 
 def sum_all(value: torch.Tensor) -> torch.Tensor:

@@ -11,13 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lambda_gelu.calibrate import (
-    activation_layers,
-    calibrate,
-    discrepancy,
-    layer_approximation,
-    layer_lambda,
-)
+from lambda_gelu.calibrate import calibrate, discrepancy
+from lambda_gelu.gates import activation_layers, layer_approximation, layer_lambda
 
 
 @dataclass(frozen=True)

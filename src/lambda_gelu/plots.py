@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
-from lambda_gelu.calibrate import activation_layers, layer_approximation, layer_lambda
+from lambda_gelu.gates import activation_layers, layer_approximation, layer_lambda
 from lambda_gelu.ops import lambda_gelu
 from lambda_gelu.profile import HardnessRecorder, LayerHardness
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lambda_gelu.calibrate import activation_layers, layer_lambda
+from lambda_gelu.gates import activation_layers, layer_lambda
 
 
 @dataclass(frozen=True)

@@ -196,7 +196,7 @@ class RunState:
 
 
 def _versions() -> dict[str, str]:
-    from lambda_gelu import __version__
+    from lambda_gelu.version import __version__
 
     return {"lambda_gelu": __version__, "torch": torch.__version__}
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lambda_gelu.module import LambdaGELU
+from lambda_gelu.gates import lambda_layers
 
 Shape = Literal["linear", "cosine"]
 SHAPES: tuple[str, ...] = ("linear", "cosine")
@@ -59,23 +57,6 @@ def lambda_at(
     return math.exp(math.log(start) + w * (math.log(target) - math.log(start)))
 
 
-def distillation_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
-    """KL(teacher ‖ student) on softened class distributions (last dim), scaled by T² (Hinton et al.).
-
-    Averaged over every row of the leading dims (examples, or tokens of a sequence).
-    """
-    t = temperature
-    classes = student_logits.shape[-1]
-    return F.kl_div(
-        F.log_softmax(student_logits.reshape(-1, classes) / t, dim=-1),
-        F.log_softmax(teacher_logits.reshape(-1, classes) / t, dim=-1),
-        log_target=True,
-        reduction="batchmean",
-    ) * (t * t)
-
-
 class Hardener:
     """Drive every LambdaGELU of ``model`` from its current λ to its target λ* over ``total_steps``.
 
@@ -93,9 +74,8 @@ class Hardener:
     ``retarget_every`` = N, the targets are re-derived every N steps; a target
     only ever rises, so λ stays on a monotone path.
 
-    With ``distill=True`` a frozen copy of the model is taken now, before any
-    hardening, and :meth:`distillation_loss` compares the student's outputs
-    with that teacher's on the same inputs.
+    The schedule owns λ only; distillation against the pre-hardening model is
+    its own piece (:class:`lambda_gelu.distill.Teacher`).
     """
 
     def __init__(
@@ -104,7 +84,6 @@ class Hardener:
         targets: dict[str, torch.Tensor | float],
         total_steps: int,
         shape: Shape = "cosine",
-        distill: bool = False,
         retarget: Callable[[], dict[str, torch.Tensor]] | None = None,
         retarget_every: int = 0,
     ) -> None:
@@ -114,7 +93,7 @@ class Hardener:
             raise ValueError(f"total_steps must be positive, got {total_steps}")
         if shape not in SHAPES:
             raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
-        layers = {n: m for n, m in model.named_modules() if isinstance(m, LambdaGELU)}
+        layers = lambda_layers(model)
         unknown = sorted(set(targets) - set(layers))
         if unknown:
             raise ValueError(f"targets name layers that are not LambdaGELU in the model: {unknown}")
@@ -131,7 +110,6 @@ class Hardener:
         self.step_count = 0
         self.retarget = retarget
         self.retarget_every = retarget_every
-        self.teacher = _frozen_copy(model) if distill else None
         for module in self.layers.values():
             module.log_lam_minus_1.requires_grad_(False)
 
@@ -166,16 +144,6 @@ class Hardener:
         """True once every layer has reached its target."""
         return self.step_count >= self.total_steps
 
-    def distillation_loss(
-        self, student_logits: torch.Tensor, inputs: torch.Tensor, temperature: float = 1.0
-    ) -> torch.Tensor:
-        """KL from the pre-hardening teacher's outputs on ``inputs`` to ``student_logits``."""
-        if self.teacher is None:
-            raise RuntimeError("this Hardener was made with distill=False")
-        with torch.no_grad():
-            teacher_logits = self.teacher(inputs)
-        return distillation_loss(student_logits, teacher_logits, temperature)
-
     def state_dict(self) -> dict[str, object]:
         """What a resumed run needs besides the model: the step, starts and targets."""
         return {
@@ -193,10 +161,3 @@ class Hardener:
         self.shape = str(state["shape"])  # type: ignore[assignment]
         self.start = {k: torch.tensor(v, dtype=torch.float64) for k, v in state["start"].items()}  # type: ignore[union-attr]
         self.target = {k: torch.tensor(v, dtype=torch.float64) for k, v in state["target"].items()}  # type: ignore[union-attr]
-
-
-def _frozen_copy(model: nn.Module) -> nn.Module:
-    teacher = copy.deepcopy(model).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher

@@ -1,4 +1,11 @@
-"""A small, deterministic training loop for classifiers, used by the CLI, the demo and the studies.
+"""The one training loop: any model, any batches, any objective; deterministic, resumable, DDP-ready.
+
+:func:`train_loop` trains ``model`` on an endless :class:`BatchStream` of
+batches of any format for ``config.steps`` steps, minimizing an
+:class:`~lambda_gelu.distill.Objective` (a loss on an output of the model,
+optionally against a frozen teacher), with an optional λ schedule
+(:class:`~lambda_gelu.Hardener`) stepped before each forward pass.
+:func:`fit` is the same loop on a built-in data set's :class:`~lambda_gelu.data.Split`.
 
 Reliability (docs/reliability.md):
 
@@ -28,19 +35,21 @@ import contextlib
 import logging
 import math
 import signal
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from lambda_gelu import distributed
+from lambda_gelu.batches import model_device, move_to
 from lambda_gelu.checkpoint import CheckpointError, check_weights
 from lambda_gelu.data import Split
-from lambda_gelu.module import LambdaGELU
+from lambda_gelu.distill import Objective, Teacher
+from lambda_gelu.gates import lambda_layers, preserved_modes
+from lambda_gelu.losses import cross_entropy, kl, logits
 from lambda_gelu.optim import param_groups
 from lambda_gelu.profile import HardnessRecorder
 from lambda_gelu.resume import (
@@ -156,35 +165,60 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 class BatchStream:
     """The endless, seeded stream of training batches, resumable at any position.
 
-    Epoch e is ``split.train_loader(batch_size, seed=seed·100003 + e)`` in full;
-    :meth:`state_dict` is the position (epoch, batches taken from it), and a
-    stream restored from it yields exactly the batches that would have come next.
+    Epoch e is ``open_epoch(e)`` in full; :meth:`state_dict` is the position
+    (epoch, batches taken from it), and a stream restored from it yields
+    exactly the batches that would have come next.
     """
 
-    def __init__(self, split: Split, batch_size: int, seed: int) -> None:
-        if len(split.x_train) == 0:
-            raise ValueError(f"{split.name}: no training examples")
-        self.split, self.batch_size, self.seed = split, batch_size, seed
+    def __init__(self, open_epoch: Callable[[int], Iterable[Any]], name: str = "the training batches") -> None:
+        self.open_epoch, self.name = open_epoch, name
         self.epoch, self.index = 0, 0
         self._iter: Iterator[Any] | None = None
 
+    @classmethod
+    def of_split(cls, split: Split, batch_size: int, seed: int) -> BatchStream:
+        """Epoch e of ``split``'s training set: ``split.train_loader(batch_size, seed=seed·100003 + e)``."""
+        if len(split.x_train) == 0:
+            raise ValueError(f"{split.name}: no training examples")
+        return cls(lambda epoch: split.train_loader(batch_size, seed=seed * 100_003 + epoch), split.name)
+
+    @classmethod
+    def of_batches(cls, batches: Iterable[Any], seed: int) -> BatchStream:
+        """Epochs of a user's batches (a DataLoader, a list): each epoch opened under torch's RNG seeded with
+        ``seed·100003 + e``, so a shuffling DataLoader's order depends on the seed alone."""
+        def open_epoch(epoch: int) -> Iterator[Any]:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed * 100_003 + epoch)
+                iterator = iter(batches)
+                first = next(iterator, _END)  # a sampler draws its order at its first batch: under the seed too
+            if first is not _END:
+                yield first
+                yield from iterator
+
+        return cls(open_epoch)
+
     def _open(self) -> None:
-        self._iter = iter(self.split.train_loader(self.batch_size, seed=self.seed * 100_003 + self.epoch))
+        self._iter = iter(self.open_epoch(self.epoch))
         for _ in range(self.index):  # fast-forward to the saved position
             next(self._iter)
 
     def __iter__(self) -> BatchStream:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> Any:
         if self._iter is None:
             self._open()
-        try:
-            batch = next(self._iter)  # type: ignore[arg-type]
-        except StopIteration:
+        batch = next(self._iter, _END)  # type: ignore[arg-type]
+        if batch is _END:
+            if self.index == 0:
+                raise ValueError(f"{self.name} yielded no batch" + (" in a later epoch: pass a re-iterable "
+                                 "(a DataLoader or a list), not an iterator" if self.epoch else ""))
             self.epoch, self.index = self.epoch + 1, 0
             self._open()
-            batch = next(self._iter)  # type: ignore[arg-type]
+            batch = next(self._iter, _END)  # type: ignore[arg-type]
+            if batch is _END:
+                raise ValueError(f"{self.name} ran out after one epoch: pass a re-iterable "
+                                 "(a DataLoader or a list), not an iterator")
         self.index += 1
         return batch
 
@@ -196,6 +230,9 @@ class BatchStream:
         """Continue from a :meth:`state_dict` position."""
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self._iter = None
+
+
+_END = object()
 
 
 def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
@@ -211,10 +248,6 @@ def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
     return bool(torch.isfinite(torch.stack([v.float().to(device) for v in largest])).all())  # the one sync
 
 
-def _lambdas(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: m.lam for name, m in model.named_modules() if isinstance(m, LambdaGELU)}
-
-
 @dataclass
 class _Run:
     """The objects whose state a run checkpoint holds."""
@@ -224,6 +257,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scaler: Any
     hardener: Hardener | None
+    teacher: Teacher | None
     stream: BatchStream
     recorder: HardnessRecorder | None
     losses: list[float]
@@ -243,8 +277,8 @@ class _Run:
             body["scaler"] = self.scaler.state_dict()
         if self.hardener is not None:
             body["hardener"] = self.hardener.state_dict()
-            if self.hardener.teacher is not None:
-                body["teacher"] = self.hardener.teacher.state_dict()
+        if self.teacher is not None:
+            body["teacher"] = self.teacher.state_dict()
         if self.recorder is not None:
             body["recorder"] = list(self.recorder.rows)
         return body
@@ -279,11 +313,11 @@ class _Run:
                 raise CheckpointError(f"{path}: hardens layers {sorted(hardener_state['target'])}, "
                                       f"this run hardens {sorted(self.hardener.layers)}")
             self.hardener.load_state_dict(hardener_state)
-            if self.hardener.teacher is not None:
-                if "teacher" not in body:
-                    raise CheckpointError(f"{path}: holds no distillation teacher")
-                check_weights(path, self.hardener.teacher, body["teacher"], finite=True)
-                self.hardener.teacher.load_state_dict(body["teacher"])
+        if self.teacher is not None:
+            if "teacher" not in body:
+                raise CheckpointError(f"{path}: holds no distillation teacher")
+            check_weights(path, self.teacher.model, body["teacher"], finite=True)
+            self.teacher.load_state_dict(body["teacher"])
         self.stream.load_state_dict(body["data"])
         self.losses[:] = body["losses"].tolist()
         self.stats.skipped = [int(s) for s in body.get("skipped", [])]
@@ -294,27 +328,31 @@ class _Run:
         return saved.step
 
 
-def fit(
+def train_loop(
     model: nn.Module,
-    split: Split,
+    stream: BatchStream,
+    objective: Objective,
     config: TrainConfig,
     *,
     hardener: Hardener | None = None,
-    distill_weight: float = 0.0,
     recorder: HardnessRecorder | None = None,
     desc: str = "train",
     progress: bool = True,
     checkpointer: Checkpointer | None = None,
     stats: FitStats | None = None,
     optimizer_groups: list[dict[str, Any]] | None = None,
+    training: bool = True,
 ) -> list[float]:
-    """Train ``model`` on ``split`` for ``config.steps`` steps; return the loss of every step.
+    """Train ``model`` for ``config.steps`` steps on ``stream``, minimizing ``objective``; return every step's loss.
 
-    With a ``hardener``, its :meth:`~Hardener.step` runs before each forward
-    pass (λ follows the schedule while the weights train), and with
-    ``distill_weight`` > 0 the loss is (1 − w)·CE + w·KL(teacher ‖ model).
-    ``optimizer_groups`` replaces :func:`lambda_gelu.param_groups` (the
-    learning-dynamics study trains λ in plain groups with it).
+    Each step: the learning rate follows :func:`lr_factor`; ``hardener.step()``
+    moves λ along its schedule; the next batch is moved to the model's device
+    (and, under torch.distributed, cut into this rank's rows); the loss is
+    ``objective(model, batch)`` (under autocast with ``config.amp_dtype``);
+    then backward and the optimizer step. ``optimizer_groups`` replaces
+    :func:`lambda_gelu.param_groups`. The model trains in ``training`` mode
+    (False: dropout off, as for distilling a pretrained model) and is returned
+    with every submodule's own mode as it was before.
 
     With a ``checkpointer`` the run saves its state as it declares, and on the
     first SIGTERM/SIGINT saves it and raises
@@ -325,16 +363,13 @@ def fit(
     ``stats``; :class:`NonFiniteError` (a FloatingPointError) stops the run
     after more than ``config.max_bad_steps`` of them in a row.
     """
-    if distill_weight and (hardener is None or hardener.teacher is None):
-        raise ValueError("distill_weight > 0 needs a Hardener made with distill=True")
     stats = FitStats() if stats is None else stats
-    device = next(model.parameters()).device
+    device = model_device(model)
     torch.manual_seed(config.seed)
     optimizer = make_optimizer(model, config, optimizer_groups)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     scaler = torch.amp.GradScaler(device.type) if config.amp_dtype == "float16" else None
-    run = _Run(model, config, optimizer, scaler, hardener, BatchStream(split, config.batch_size, config.seed),
-               recorder, [], stats)
+    run = _Run(model, config, optimizer, scaler, hardener, objective.teacher, stream, recorder, [], stats)
     start = 0
     if checkpointer is not None and checkpointer.resume_state is not None:
         start = run.restore(checkpointer.resume_state)
@@ -342,11 +377,11 @@ def fit(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     amp = AMP_DTYPES.get(config.amp_dtype or "")
     engine = distributed.wrap(model)
-    model.train()
     bad_run = 0
     bar = tqdm(range(start, config.steps), desc=desc, disable=not progress, leave=False, mininterval=0.5,
                initial=start, total=config.steps)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(preserved_modes(model, training))
         if checkpointer is not None:
             stack.enter_context(graceful_stop())
         watch = GracefulStop._active is not None
@@ -356,24 +391,18 @@ def fit(
                 group["lr"] = base * factor
             if hardener is not None:
                 hardener.step()
-            x, y = next(run.stream)
-            x, y, share = distributed.shard(x.to(device), y.to(device))
+            batch, share = distributed.shard(move_to(next(run.stream), device))
             with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
-                logits = engine(x)
-                if amp:
-                    logits = logits.float()  # the loss in fp32
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))  # (B, C) or (B, T, C)
-                if distill_weight:
-                    loss = (1.0 - distill_weight) * loss + distill_weight * hardener.distillation_loss(logits, x)
+                loss = objective(engine, batch)
             if not distributed.is_active():
-                objective, value = loss, loss.item()
-            elif y.numel() == 0:  # this rank holds no rows of a tiny last batch: zero gradients, still in step
-                objective, value = logits.sum() * 0.0, distributed.sum_all(torch.zeros(())).item()
+                target, value = loss, loss.item()
+            elif share == 0.0:  # this rank holds no rows of a tiny last batch: zero gradients, still in step
+                target, value = torch.nan_to_num(loss) * 0.0, distributed.sum_all(torch.zeros(())).item()
             else:  # DDP averages over ranks: W·(n_r/n)·L_r averages to the global batch's mean loss
-                objective = loss * share
+                target = loss * share
                 value = distributed.sum_all(loss.detach() * (share / distributed.world_size())).item()
             optimizer.zero_grad(set_to_none=True)
-            (scaler.scale(objective) if scaler is not None else objective).backward()
+            (scaler.scale(target) if scaler is not None else target).backward()
             if scaler is not None:
                 scaler.unscale_(optimizer)
             loss_ok = math.isfinite(value)
@@ -403,7 +432,7 @@ def fit(
             if recorder is not None:
                 recorder.record(done)
             if step % 50 == 0:
-                bar.set_postfix(loss=f"{value:.3f}", skipped=len(stats.skipped))
+                bar.set_postfix(loss=f"{value:.3g}", skipped=len(stats.skipped))
             if bad_run > config.max_bad_steps:
                 path = checkpointer.save(done, run.state()) if checkpointer is not None else None
                 if path is not None:
@@ -422,10 +451,40 @@ def fit(
             if checkpointer is not None and checkpointer.due(done):
                 stats.saved.append(str(checkpointer.save(done, run.state())))
     bar.close()
-    model.eval()
-    distributed.check_same(_lambdas(model))
+    distributed.check_same({name: m.lam for name, m in lambda_layers(model).items()})
     if stats.skipped:
         shown = ", ".join(map(str, stats.skipped[:5])) + (", ..." if len(stats.skipped) > 5 else "")
         log.warning("%s: skipped %d of %d steps with a non-finite loss or gradient (steps %s)",
                     desc, len(stats.skipped), config.steps, shown)
     return run.losses
+
+
+def fit(
+    model: nn.Module,
+    split: Split,
+    config: TrainConfig,
+    *,
+    hardener: Hardener | None = None,
+    teacher: Teacher | None = None,
+    distill_weight: float = 0.0,
+    recorder: HardnessRecorder | None = None,
+    desc: str = "train",
+    progress: bool = True,
+    checkpointer: Checkpointer | None = None,
+    stats: FitStats | None = None,
+    optimizer_groups: list[dict[str, Any]] | None = None,
+) -> list[float]:
+    """:func:`train_loop` on a built-in data set: shuffled ``split`` batches, cross-entropy on the labels.
+
+    With a ``teacher`` and ``distill_weight`` w > 0 the loss is
+    (1 − w)·CE + w·KL(teacher ‖ model). The model is left in eval mode.
+    """
+    if distill_weight and teacher is None:
+        raise ValueError("distill_weight > 0 needs a teacher")
+    terms = ((1.0 - distill_weight, cross_entropy), (distill_weight, kl)) if distill_weight else ((1.0, cross_entropy),)
+    objective = Objective(logits, terms, teacher if distill_weight else None)
+    losses = train_loop(model, BatchStream.of_split(split, config.batch_size, config.seed), objective, config,
+                        hardener=hardener, recorder=recorder, desc=desc, progress=progress, checkpointer=checkpointer,
+                        stats=stats, optimizer_groups=optimizer_groups)
+    model.eval()
+    return losses

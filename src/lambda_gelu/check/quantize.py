@@ -8,12 +8,21 @@ training batches → ``convert_pt2e`` (a graph with quantize/dequantize nodes)
 kernels ``onednn.qlinear_pointwise`` / ``onednn.qconv_pointwise``, BatchNorm
 folded into the convolution, a following ReLU fused in as the kernel's
 post-op). Which gates fused is read off the lowered graph, not assumed.
+
+On a CPU without VNNI (e.g. AVX2 only), oneDNN's int8 kernels multiply
+u8 × s8 with ``vpmaddubsw``, which adds each adjacent pair of products in
+int16 *with saturation*: 2 · 255 · 127 overflows, and the int8 graph then
+computes something other than its Q/DQ graph. There the weights are
+quantized to 7 bits (int8 in [-64, 63]), for which a pair stays within int16
+(see ``needs_seven_bit_weights``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import os
 import statistics
 import time
 import warnings
@@ -106,6 +115,8 @@ class QuantizationResult:
     latency_int8_ms: float
     repeats: int
     threads: int
+    weight_bits: int = 8
+    """8, or 7 on a CPU without VNNI (see ``needs_seven_bit_weights``)."""
 
     @property
     def speedup(self) -> float:
@@ -295,27 +306,89 @@ def export_graph(model: nn.Module, example: torch.Tensor, dynamic_batch: bool) -
         return torch.export.export(model.eval(), (example,), dynamic_shapes=shapes).module()
 
 
+_VNNI_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
+"""CPU features with a u8 × s8 → s32 dot product that oneDNN's int8 kernels use instead of ``vpmaddubsw``."""
+
+_NO_VNNI_ISA_CAPS = frozenset({"SSE41", "AVX", "AVX2", "AVX512_CORE"})
+"""``ONEDNN_MAX_CPU_ISA`` values that keep oneDNN off the VNNI instructions even where the CPU has them."""
+
+
+def cpu_has_vnni() -> bool:
+    """Whether oneDNN's int8 kernels can use a VNNI (or AMX) dot product on this CPU.
+
+    Reads the CPU features that PyTorch detects (``torch.cpu.get_capabilities``,
+    else the older ``_is_vnni_supported``, which sees AVX512-VNNI only), and an
+    ``ONEDNN_MAX_CPU_ISA`` / ``DNNL_MAX_CPU_ISA`` cap below VNNI.
+    """
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    if cap in _NO_VNNI_ISA_CAPS:
+        return False
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is not None:
+        found = capabilities()
+        return any(bool(found.get(name, False)) for name in _VNNI_FEATURES)
+    check = getattr(torch.cpu, "_is_vnni_supported", None) or getattr(torch._C._cpu, "_is_vnni_supported", None)
+    return bool(check()) if check is not None else False
+
+
+SEVEN_BIT_WEIGHTS = (-64, 63)
+"""int8 weight range without VNNI: a pair of u8 × s8 products is then at most 2 · 255 · 64 = 32640 < 2**15."""
+
+
+def needs_seven_bit_weights() -> bool:
+    """Whether int8 weights must be quantized to 7 bits here for oneDNN's kernels to compute the Q/DQ graph.
+
+    Without VNNI, oneDNN multiplies u8 activations by s8 weights with
+    ``vpmaddubsw``, which sums adjacent pairs of products in int16 and
+    saturates (2 · 255 · 127 = 64770 > 32767); see oneDNN's "Nuances of int8
+    computations". torchao's remedy, ``reduce_range`` of
+    ``get_default_x86_inductor_quantization_config`` (7-bit activations), is
+    not enough with the x86 lowering: a kernel that requantizes its output
+    (``qlinear_pointwise`` with a uint8 output) clamps to [0, 255], not to the
+    [0, 127] of the Q/DQ graph, so an activation above the calibrated range
+    reaches the next kernel as an 8-bit value. Weights are constants, fully
+    described by the Q/DQ graph, so narrowing them keeps both graphs equal.
+    """
+    return not cpu_has_vnni()
+
+
+def int8_quantization_config(seven_bit_weights: bool) -> Any:
+    """torchao's default x86 PTQ config (per-channel int8 weights, per-tensor uint8 activations), weights in
+    ``SEVEN_BIT_WEIGHTS`` if asked."""
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        get_default_x86_inductor_quantization_config,
+    )
+
+    config = get_default_x86_inductor_quantization_config()
+    if not seven_bit_weights:
+        return config
+    low, high = SEVEN_BIT_WEIGHTS
+    return dataclasses.replace(config, weight=dataclasses.replace(config.weight, quant_min=low, quant_max=high))
+
+
 def quantize_int8(
-    model: nn.Module, calibration: Sequence[torch.Tensor], example: torch.Tensor
+    model: nn.Module, calibration: Sequence[torch.Tensor], example: torch.Tensor,
+    seven_bit_weights: bool | None = None,
 ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
     """PT2E int8 PTQ of ``model``: returns (Q/DQ reference graph, lowered x86 graph for ``example``'s shape).
 
     ``calibration`` batches (each of >= 2 rows) set the activation ranges. The
     lowered graph runs oneDNN int8 kernels and accepts only ``example``'s
-    shape (see ``run_fixed_batch``).
+    shape (see ``run_fixed_batch``). ``seven_bit_weights`` defaults to what
+    this CPU needs (``needs_seven_bit_weights``); turning it off on a CPU
+    without VNNI gives an int8 graph whose sums saturate.
     """
+    if seven_bit_weights is None:
+        seven_bit_weights = needs_seven_bit_weights()
     if not calibration or min(len(batch) for batch in calibration) < 2:
         raise ValueError("calibration needs at least one batch, each of two rows or more")
     with quiet_torchao():
         from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-            X86InductorQuantizer,
-            get_default_x86_inductor_quantization_config,
-        )
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
 
         quantizer = X86InductorQuantizer()
-        quantizer.set_global(get_default_x86_inductor_quantization_config())
+        quantizer.set_global(int8_quantization_config(seven_bit_weights))
         prepared = prepare_pt2e(export_graph(model, calibration[0], dynamic_batch=True), quantizer)
         with torch.no_grad():
             for batch in calibration:
@@ -391,7 +464,8 @@ def quantization_check(
     """Quantize ``model`` to int8, report its fusions, test accuracy fp32 vs int8 and CPU latency at ``batch``."""
     model = model.eval()
     example = x_test[torch.arange(batch) % len(x_test)]  # test rows, cycled when batch > the test set
-    _, lowered = quantize_int8(model, calibration, example)
+    seven_bit_weights = needs_seven_bit_weights()
+    _, lowered = quantize_int8(model, calibration, example, seven_bit_weights=seven_bit_weights)
     float_graph = export_graph(model, example, dynamic_batch=False).graph
     fusions = fusion_table(model, float_graph, lowered)
     with quiet_torchao(), torch.no_grad():
@@ -413,4 +487,5 @@ def quantization_check(
         latency_int8_ms=latency_int8,
         repeats=repeats,
         threads=threads,
+        weight_bits=7 if seven_bit_weights else 8,
     )

@@ -20,13 +20,13 @@ from typing import Any
 
 from torch import nn
 
-import lambda_gelu
 from lambda_gelu.check.quantize import quiet_torchao
 from lambda_gelu.check.sparsity import activation_sparsity
 from lambda_gelu.checkpoint import activation_layout, load_checkpoint
 from lambda_gelu.data import Split, load_dataset
 from lambda_gelu.metrics import evaluate
 from lambda_gelu.pipeline import relu_copy
+from lambda_gelu.version import __version__
 
 EXTRAS: dict[str, tuple[str, ...]] = {
     "onnx": ("onnx", "onnxruntime", "onnxscript"),
@@ -171,7 +171,7 @@ def _gate_summary(model: nn.Module) -> dict[str, int]:
 
 
 def _versions() -> dict[str, str]:
-    versions = {"lambda_gelu": lambda_gelu.__version__, "python": platform.python_version()}
+    versions = {"lambda_gelu": __version__, "python": platform.python_version()}
     for dist in ("torch", "onnx", "onnxruntime", "onnxscript", "torchao", "maraboupy"):
         try:
             versions[dist] = importlib.metadata.version(dist)

@@ -1,94 +1,29 @@
-"""What the framework integrations share: calibration on any batch format, λ per layer, a hardening plan.
+"""What the framework integrations share: when to start the recipe's hardening, and stepping it.
 
-Plain PyTorch only (no optional package), so a hand-written loop can use it too.
+The callbacks do not own the training loop, so they run the recipe's phases
+(:func:`lambda_gelu.harden.start_hardening`, then :meth:`lambda_gelu.Hardener.step`
+each step, :func:`lambda_gelu.harden.finish_hardening` at the end) inside the
+framework's loop. Plain PyTorch only (no optional package).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
-from lambda_gelu.calibrate import DEFAULT_TAU, calibrate, layer_targets
-from lambda_gelu.module import LambdaGELU
+from lambda_gelu.batches import Forward
+from lambda_gelu.calibrate import DEFAULT_TAU
+from lambda_gelu.harden import finish_hardening, start_hardening
 from lambda_gelu.schedule import SHAPES, Hardener
-
-Forward = Callable[[nn.Module, Any], Any]
-"""``forward(model, batch)``: runs the model on one batch (its output is ignored by calibration)."""
-
-
-def default_forward(model: nn.Module, batch: Any) -> Any:
-    """Run ``model`` on one batch: ``model(**batch)`` for a mapping (a tokenizer's output),
-    ``model(batch[0])`` for an (input, target) tuple or list, else ``model(batch)``."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(batch[0])
-    return model(batch)
-
-
-def move_to(batch: Any, device: torch.device) -> Any:
-    """``batch`` with every tensor in it (mappings, tuples, lists) moved to ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {key: move_to(value, device) for key, value in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move_to(value, device) for value in batch)
-    return batch
-
-
-class _Batch:
-    """One batch in the form :func:`lambda_gelu.calibrate` expects: an object with ``.to(device)``."""
-
-    def __init__(self, batch: Any) -> None:
-        self.batch = batch
-
-    def to(self, device: torch.device) -> _Batch:
-        return _Batch(move_to(self.batch, device))
-
-
-class _Runner(nn.Module):
-    """Holds ``model`` as its only child and runs it with ``forward`` on a :class:`_Batch`."""
-
-    def __init__(self, model: nn.Module, forward: Forward) -> None:
-        super().__init__()
-        self.model = model
-        self.run = forward
-
-    def forward(self, batch: _Batch) -> Any:
-        return self.run(self.model, batch.batch)
-
-
-def calibrate_with(
-    model: nn.Module,
-    batches: Iterable[Any],
-    forward: Forward | None = None,
-    max_batches: int | None = None,
-    **kwargs: Any,
-) -> dict[str, torch.Tensor]:
-    """:func:`lambda_gelu.calibrate` for batches of any format: dicts of tensors, (input, target) tuples, tensors.
-
-    ``forward(model, batch)`` runs the model (default :func:`default_forward`).
-    Returns the samples keyed by ``model``'s own qualified layer names.
-    """
-    runner = _Runner(model, forward or default_forward)
-    samples = calibrate(runner, (_Batch(b) for b in batches), max_batches=max_batches, **kwargs)
-    return {name.removeprefix("model."): values for name, values in samples.items()}
-
-
-def layer_lambdas(model: nn.Module) -> dict[str, float]:
-    """Mean λ of every LambdaGELU layer of ``model`` by qualified name (per-channel layers: the channel mean)."""
-    return {name: float(m.lam.double().mean()) for name, m in model.named_modules() if isinstance(m, LambdaGELU)}
 
 
 @dataclass
 class HardeningPlan:
-    """When and how a framework callback hardens: the settings of :func:`make_hardener`.
+    """When and how a framework callback hardens: the settings of :func:`lambda_gelu.harden.start_hardening`.
 
     ``start_step`` is the global training step at which calibration runs and
     the schedule begins; λ then moves to its target over ``ramp_steps`` steps
@@ -115,27 +50,6 @@ class HardeningPlan:
             raise ValueError(f"shape must be one of {SHAPES}, got {self.shape!r}")
         if self.calibration_batches < 1 or self.retarget_every < 0:
             raise ValueError("calibration_batches must be >= 1 and retarget_every >= 0")
-
-
-def make_hardener(
-    model: nn.Module, batches: list[Any], plan: HardeningPlan, forward: Forward | None = None
-) -> Hardener:
-    """Calibrate ``model`` on ``batches``, set each LambdaGELU layer's target λ* (D(λ*) <= τ), return a Hardener.
-
-    The Hardener re-targets from the same batches every ``plan.retarget_every`` steps.
-    """
-
-    def retarget() -> dict[str, torch.Tensor]:
-        return layer_targets(model, calibrate_with(model, batches, forward), plan.tau)
-
-    return Hardener(
-        model,
-        retarget(),
-        total_steps=plan.ramp_steps,
-        shape=plan.shape,  # type: ignore[arg-type]
-        retarget=retarget if plan.retarget_every else None,
-        retarget_every=plan.retarget_every,
-    )
 
 
 class ScheduledHardening:
@@ -174,8 +88,16 @@ class ScheduledHardening:
             return
         if self.hardener is None:
             batches = self.calibration_batches(source)
-            self.hardener = make_hardener(model, batches, self.plan, self.forward)
+            plan = self.plan
+            self.hardener = start_hardening(model, batches, tau=plan.tau, total_steps=plan.ramp_steps,
+                                            shape=plan.shape, retarget_every=plan.retarget_every,
+                                            forward=self.forward)
         self.hardener.step()
+
+    def finish(self) -> None:
+        """At the end of training, once the ramp is done: the recipe's last re-target, then λ = λ* exactly."""
+        if self.hardener is not None and self.hardener.done:
+            finish_hardening(self.hardener)
 
     @property
     def done(self) -> bool:

@@ -32,12 +32,12 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from lambda_gelu.calibrate import calibrate
+from lambda_gelu.gates import layer_lambdas
 from lambda_gelu.integrations.common import (
     Forward,
     HardeningPlan,
     ScheduledHardening,
-    calibrate_with,
-    layer_lambdas,
 )
 from lambda_gelu.integrations.tensorboard import LAMBDA_TAG, log_lambdas, log_preactivations, summary_writer
 from lambda_gelu.schedule import Hardener
@@ -98,7 +98,7 @@ class LambdaGELUTrainerCallback(TrainerCallback):
             log_lambdas(self.writer, model, state.global_step)
         if self.histogram_every and state.global_step % self.histogram_every == 0:
             batches = self.core.calibration_batches(self._source)
-            log_preactivations(self.writer, calibrate_with(model, batches, self.core.forward), state.global_step)
+            log_preactivations(self.writer, calibrate(model, batches, forward=self.core.forward), state.global_step)
 
     def on_log(
         self,
@@ -115,6 +115,7 @@ class LambdaGELUTrainerCallback(TrainerCallback):
                 state.log_history[-1].update(values)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        self.core.finish()
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()

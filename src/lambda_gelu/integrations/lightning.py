@@ -31,12 +31,12 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from lambda_gelu.calibrate import calibrate
+from lambda_gelu.gates import layer_lambdas
 from lambda_gelu.integrations.common import (
     Forward,
     HardeningPlan,
     ScheduledHardening,
-    calibrate_with,
-    layer_lambdas,
 )
 from lambda_gelu.integrations.tensorboard import LAMBDA_TAG, log_preactivations
 from lambda_gelu.schedule import Hardener
@@ -108,7 +108,10 @@ class LambdaGELUCallback(Callback):
             writer = _tensorboard_writer(trainer)
             if writer is not None:
                 batches = self.core.calibration_batches(lambda: iter(self._loader(trainer)))
-                log_preactivations(writer, calibrate_with(model, batches, self.core.forward), step)
+                log_preactivations(writer, calibrate(model, batches, forward=self.core.forward), step)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.core.finish()
 
 
 def _tensorboard_writer(trainer: Trainer) -> Any:

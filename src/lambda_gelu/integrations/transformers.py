@@ -1,28 +1,14 @@
-"""Hugging Face transformers: its GELU activation classes for ``convert``, and ReLU configs for ``relufy``.
+"""Hugging Face transformers: which config fields name a GELU, and ReLU configs for ``relufy``.
 
-Loaded on demand by :mod:`lambda_gelu.convert` once ``transformers.activations``
-is in ``sys.modules`` (a program that holds a transformers model has imported
-it); ``import lambda_gelu`` never imports transformers.
+Imported by :func:`lambda_gelu.relufy` only once the program has imported
+transformers (a program that holds a transformers model has); ``import
+lambda_gelu`` never imports transformers, and this module imports nothing of
+lambda-gelu's conversion back.
 
-**Which classes are GELU.** Every entry of transformers' ``ACT2CLS`` whose name
-contains ``gelu`` is instantiated through ``ACT2FN`` and evaluated in float64 on
-[-20, 20]. An entry that matches ``F.gelu`` (erf form) or ``F.gelu(...,
-approximate="tanh")`` within 1e-6·max(1, |x|) is registered as that form
-(GELUActivation, NewGELUActivation, GELUTanh = PytorchGELUTanh,
-FastGELUActivation, AccurateGELUActivation at the time of writing). No hand list:
-a class transformers adds later is classified the same way.
-
-**Look-alikes are refused.** An entry named ``*gelu*`` that matches neither form
-(QuickGELU x·σ(1.702x), differing from GELU by up to 0.020; ClippedGELU
-``gelu_10``, which clips at ±10) is recorded in
-:data:`lambda_gelu.convert.GELU_LOOKALIKES`, and :func:`lambda_gelu.convert`
-raises :class:`lambda_gelu.convert.NotGELUError` on it instead of converting.
-Converting would silently change the function the model computes (x·Φ(x) is not
-x·σ(1.702x)) while the converted model is promised to equal the original at
-λ = 1; the λ profile, the calibration that sets the targets and the accounting
-of what the ReLU swap cost would all start from a model the user never had. A
-user who accepts the change says so once, explicitly:
-``lambda_gelu.register_gelu_type(QuickGELUActivation, "none")``.
+**Which classes are GELU** is decided by :mod:`lambda_gelu.gelu_types` for every
+module alike: transformers' activation classes are parameter-free leaves whose
+output is compared with both GELU forms, and QuickGELU or ClippedGELU, which say
+GELU but compute another function, are refused as look-alikes.
 
 **ReLU configs.** After :func:`lambda_gelu.relufy`, every ``PreTrainedModel``
 inside the model whose gates are now all ``nn.ReLU`` gets each activation field
@@ -38,99 +24,29 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lambda_gelu.convert import GELU_LOOKALIKES, GELU_REGISTRY, is_gelu, lookalike_reason
-from lambda_gelu.module import LambdaGELU
-
-GRID_LIMIT = 20.0
-"""Activations are compared with GELU on [-GRID_LIMIT, GRID_LIMIT] (wide enough to see ClippedGELU's clip at 10)."""
-
-MATCH_TOLERANCE = 1e-6
-"""A class is GELU if |f − GELU| <= MATCH_TOLERANCE·max(1, |x|) on the grid (FastGELU's rounded constant: 1e-12)."""
+from lambda_gelu.gates import activation_layers
+from lambda_gelu.gelu_types import is_gelu, lookalike_reason
 
 
 class RelufyConfigWarning(UserWarning):
     """``relufy`` could not make a transformers config describe the ReLU model it produced."""
 
 
-def _grid() -> torch.Tensor:
-    return torch.linspace(-GRID_LIMIT, GRID_LIMIT, 4001, dtype=torch.float64)
-
-
-@torch.no_grad()
-def classify_activation(module: nn.Module) -> tuple[str | None, float]:
-    """(``"none"`` | ``"tanh"`` | None, largest |f − GELU| on the grid) for an elementwise activation module.
-
-    The form is the GELU form the module computes, or None when it matches
-    neither; the number is its deviation from the nearer form.
-    """
-    x = _grid()
-    y = module(x).double()
-    scale = x.abs().clamp(min=1.0)
-    deviation = {form: (y - F.gelu(x, approximate=form)).abs() for form in ("none", "tanh")}
-    best = min(deviation, key=lambda form: float((deviation[form] / scale).max()))
-    matches = bool((deviation[best] <= MATCH_TOLERANCE * scale).all())
-    return (best if matches else None), float(deviation[best].max())
-
-
-def _entry_class(entry: Any) -> type:
-    return entry[0] if isinstance(entry, tuple) else entry
-
-
-def _gelu_entries() -> dict[str, tuple[type, str | None, float]]:
-    """``{ACT2CLS name: (class, form or None, deviation)}`` for the names that contain ``gelu``."""
-    from transformers.activations import ACT2CLS, ACT2FN
-
-    entries: dict[str, tuple[type, str | None, float]] = {}
-    for name, entry in ACT2CLS.items():
-        if "gelu" not in name.lower():
-            continue
-        try:
-            form, deviation = classify_activation(ACT2FN[name])
-        except Exception:  # an entry that cannot run on a float64 CPU tensor is not ours to judge
-            continue
-        entries[name] = (_entry_class(entry), form, deviation)
-    return entries
-
-
-def register_transformers_activations() -> None:
-    """Register transformers' GELU classes with :func:`lambda_gelu.register_gelu_type`; record look-alikes.
-
-    Classes the user registered already are left as they are. Idempotent.
-    """
-    by_class: dict[type, list[tuple[str, str | None, float]]] = {}
-    for name, (cls, form, deviation) in _gelu_entries().items():
-        by_class.setdefault(cls, []).append((name, form, deviation))
-    for cls, rows in by_class.items():
-        if cls in GELU_REGISTRY:
-            continue
-        forms = {form for _name, form, _dev in rows}
-        if len(forms) == 1 and None not in forms:
-            (form,) = forms
-            GELU_REGISTRY[cls] = lambda _module, form=form: form
-        elif None not in forms:  # one class, both forms depending on its arguments: judge each instance
-            GELU_REGISTRY[cls] = lambda module: classify_activation(module)[0]
-        else:
-            name, _form, deviation = max(rows, key=lambda row: row[2])
-            GELU_LOOKALIKES.setdefault(
-                cls,
-                f"{cls.__name__} (transformers' {name!r}) is neither x·Φ(x) nor its tanh form: it differs "
-                f"from GELU by up to {deviation:.3g} on [-{GRID_LIMIT:g}, {GRID_LIMIT:g}]",
-            )
-
-
 def gelu_activation_names() -> set[str]:
-    """Names of ``ACT2CLS`` entries that are GELU-family now (after registration, user registrations included)."""
-    from transformers.activations import ACT2CLS
+    """Names of transformers' ``ACT2CLS`` entries whose activation is GELU-family (user registrations included)."""
+    from transformers.activations import ACT2FN
 
-    return {
-        name
-        for name, entry in ACT2CLS.items()
-        if any(cls in GELU_REGISTRY for cls in _entry_class(entry).__mro__)
-    }
+    names = set()
+    for name in ACT2FN:
+        try:
+            module = ACT2FN[name]
+        except Exception:  # an entry that cannot be built here is not one we can judge
+            continue
+        if isinstance(module, nn.Module) and is_gelu(module):
+            names.add(name)
+    return names
 
 
 def _sub_configs(config: Any) -> list[tuple[str, Any]]:
@@ -158,11 +74,9 @@ def activation_fields(config: Any, names: set[str] | None = None, prefix: str = 
 
 
 def _smooth_gates(module: nn.Module) -> list[str]:
-    """Qualified names of the gates inside ``module`` that are not ReLU yet (λ-GELU, GELU, look-alikes)."""
-    return [
-        name
-        for name, sub in module.named_modules()
-        if isinstance(sub, LambdaGELU) or is_gelu(sub) or lookalike_reason(sub) is not None
+    """Qualified names of the gate modules inside ``module`` that are not ReLU yet (λ-GELU, GELU, look-alikes)."""
+    return list(activation_layers(module)) + [
+        name for name, sub in module.named_modules() if lookalike_reason(sub) is not None
     ]
 
 

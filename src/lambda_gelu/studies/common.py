@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import hashlib
@@ -27,8 +26,8 @@ from lambda_gelu.metrics import Evaluation, evaluate
 from lambda_gelu.models import build_model
 from lambda_gelu.pipeline import HardenConfig
 from lambda_gelu.profile import HardnessRecorder
-from lambda_gelu.schedule import distillation_loss
 from lambda_gelu.train import TrainConfig, fit
+from lambda_gelu.version import __version__
 
 PROFILES = ("tiny", "quick", "full")
 """Study budgets: ``full`` (the committed results), ``quick`` (minutes), ``tiny`` (tests only)."""
@@ -289,7 +288,7 @@ def trained(pair: PairSpec, ctx: StudyContext, seed: int, activation: str = "gel
     model = build(pair, ctx, split, seed, activation, lam0)
     recipe = {"pair": pair.name, "dataset": pair.dataset, "model": pair.model,
               "model_kwargs": pair.model_kwargs(split, ctx.tiny), "activation": activation, "lam0": lam0,
-              "train": config.to_dict(), "device": ctx.device, "version": _version()}
+              "train": config.to_dict(), "device": ctx.device, "version": __version__}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:20]
     path = Path(ctx.cache_dir) / f"{pair.name}-{activation}-{key}.pt" if ctx.cache_dir else None
     if path is not None and path.is_file():
@@ -321,7 +320,7 @@ def cached(ctx: StudyContext, name: str, recipe: dict[str, Any], compute: Callab
     """
     if not ctx.cache_dir:
         return compute()
-    recipe = dict(recipe, version=_version(), device=ctx.device, profile=ctx.profile)
+    recipe = dict(recipe, version=__version__, device=ctx.device, profile=ctx.profile)
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = Path(ctx.cache_dir) / f"{name}-{key}.json"
     if path.is_file():
@@ -337,39 +336,10 @@ def cached(ctx: StudyContext, name: str, recipe: dict[str, Any], compute: Callab
     return result
 
 
-def _version() -> str:
-    import lambda_gelu
-
-    return lambda_gelu.__version__
-
-
 def score(pair: PairSpec, model: nn.Module, split: Split) -> tuple[float, Evaluation]:
     """The pair's metric of ``model`` on the test set, with the full evaluation."""
     evaluation = evaluate(model, split.test_batches(256))
     return pair.metric.score(evaluation), evaluation
-
-
-class DistillTeacher:
-    """The part of the Hardener protocol that :func:`lambda_gelu.train.fit` uses for distillation.
-
-    Used by the swap + fine-tuning + distillation baseline: no λ to move, a
-    frozen copy of the GELU model as the teacher.
-    """
-
-    def __init__(self, teacher: nn.Module) -> None:
-        self.teacher = copy.deepcopy(teacher).eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-
-    def step(self) -> None:
-        """Nothing to schedule."""
-
-    def distillation_loss(self, student_logits: torch.Tensor, inputs: torch.Tensor,
-                          temperature: float = 1.0) -> torch.Tensor:
-        """KL(teacher ‖ student) on ``inputs``."""
-        with torch.no_grad():
-            teacher_logits = self.teacher(inputs)
-        return distillation_loss(student_logits, teacher_logits, temperature)
 
 
 # ---------------------------------------------------------------- statistics and formatting
@@ -428,9 +398,7 @@ def _jsonable(value: Any) -> Any:
 def run_metadata(study: str, ctx: StudyContext, pairs: Sequence[PairSpec], started: float,
                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Seeds, versions, the exact command, the machine and the wall time of a study run."""
-    import lambda_gelu
-
-    versions = {"lambda_gelu": lambda_gelu.__version__, "torch": torch.__version__,
+    versions = {"lambda_gelu": __version__, "torch": torch.__version__,
                 "python": platform.python_version()}
     for module in ("numpy", "sklearn", "mnist1d", "matplotlib"):
         try:

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lambda_gelu.convert import is_gelu, replace_modules
+from lambda_gelu.convert import replace_modules
+from lambda_gelu.gelu_types import is_gelu
 from lambda_gelu.module import LambdaGELU
 from lambda_gelu.ops import lambda_gelu
 from lambda_gelu.optim import param_groups

@@ -29,12 +29,12 @@ from typing import Any
 from torch import nn
 
 from lambda_gelu.convert import convert
+from lambda_gelu.distill import Teacher
 from lambda_gelu.metrics import disruption
 from lambda_gelu.outputs import staged_dir
 from lambda_gelu.pipeline import harden, relu_copy
 from lambda_gelu.studies.common import (
     PAIRS,
-    DistillTeacher,
     PairSpec,
     StudyContext,
     cached,
@@ -77,8 +77,8 @@ def _extra_run(method: str, pair: PairSpec, split, seed: int, steps: int, gelu: 
     metric = pair.metric
     if method in ("swap_ft", "swap_ft_distill"):
         model = relu_copy(gelu, include_gelu=True)
-        teacher = DistillTeacher(gelu) if method == "swap_ft_distill" else None
-        fit(model, split, config.train_config(), hardener=teacher,  # type: ignore[arg-type]
+        teacher = Teacher(gelu) if method == "swap_ft_distill" else None
+        fit(model, split, config.train_config(), teacher=teacher,
             distill_weight=config.distill_weight if teacher else 0.0, desc=method, progress=False)
         final, evaluation = score(pair, model, split)
         return {"final": final, "final_loss": evaluation.loss}

