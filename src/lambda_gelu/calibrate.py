@@ -104,7 +104,7 @@ def calibrate(
             handle.remove()
     if gather:
         kept = _merge_reservoirs(list(layers), kept, keys, max_values)
-    missing = [name for name in layers if name not in kept]
+    missing = [name for name in layers if name not in kept or kept[name].shape[0] == 0]
     if missing:
         raise ValueError(f"no data reached layer(s) {missing}: is the loader empty?")
     return kept

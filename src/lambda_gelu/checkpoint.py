@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lambda_gelu.convert import replace_modules
+from lambda_gelu.gates import lambda_layers
 from lambda_gelu.gelu_types import gelu_approximation
 from lambda_gelu.models import build_model
 from lambda_gelu.module import RAW_KEY, RAW_MAX, LambdaGELU
@@ -200,12 +201,10 @@ def check_weights(path: str | Path, model: nn.Module, tensors: dict[str, torch.T
             raise CheckpointError(
                 f"{path}: {key} has shape {tuple(tensors[key].shape)}, the model needs {tuple(value.shape)}"
             )
-    for name, module in model.named_modules():
-        if isinstance(module, LambdaGELU):
-            key = f"{name}.{RAW_KEY}" if name else RAW_KEY
-            raw = tensors[key]
-            if not raw.is_floating_point() or not bool(torch.isfinite(raw).all()) or bool((raw > RAW_MAX).any()):
-                raise CheckpointError(f"{path}: layer {name or '<root>'}: λ would be non-finite (or above 1e6)")
+    for name in lambda_layers(model):
+        raw = tensors[f"{name}.{RAW_KEY}" if name else RAW_KEY]
+        if not raw.is_floating_point() or not bool(torch.isfinite(raw).all()) or bool((raw > RAW_MAX).any()):
+            raise CheckpointError(f"{path}: layer {name or '<root>'}: λ would be non-finite (or above 1e6)")
     if finite:
         for key, value in tensors.items():
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):

@@ -24,13 +24,14 @@ from lambda_gelu.outputs import check_writable, staged_dir
 from lambda_gelu.pipeline import HardenConfig, harden, relu_copy
 from lambda_gelu.profile import HardnessRecorder, hardness, profile_table
 from lambda_gelu.resume import Checkpointer, TrainingInterrupted, graceful_stop, open_run_state
+from lambda_gelu.runs.hf import METHODS as HF_METHODS
+from lambda_gelu.runs.hf import TASKS as HF_TASKS
+from lambda_gelu.runs.hf import HFConfig
 from lambda_gelu.schedule import SHAPES
 from lambda_gelu.train import OPTIMIZERS, FitStats, NonFiniteError, TrainConfig, fit
 from lambda_gelu.version import __version__
 
 EXIT_USAGE = 2
-HF_TASKS = ("feature-extraction", "sequence-classification", "masked-lm", "causal-lm", "image-classification")
-HF_METHODS = ("lambda-gelu", "direct-swap", "swap-distill", "swap-fold-distill")
 
 
 class UsageError(Exception):
@@ -134,16 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "saved by datasets, or a folder of images; a tenth is held out for the report")
     _add_output_args(hf, "output folder (a save_pretrained folder with the report as its README.md)")
     hf.add_argument("--task", choices=sorted(HF_TASKS), help="default: from the config's architectures")
-    hf.add_argument("--method", choices=HF_METHODS, default="lambda-gelu",
+    hf.add_argument("--method", choices=HF_METHODS, default=HFConfig.method,
                     help="lambda-gelu (default), or a baseline: direct-swap, swap-distill, swap-fold-distill")
     hf.add_argument("--baselines", action="store_true",
                     help="also run every other method at the same budget; their folders go to OUT_DIR/baselines")
-    hf.add_argument("--steps", type=_positive_int, default=250, help="training steps of each trained method")
-    hf.add_argument("--batch-size", type=_positive_int, default=32)
-    hf.add_argument("--lr", type=_positive_float, default=1e-4)
-    hf.add_argument("--tau", type=_unit_interval, default=HardenConfig.tau, help="per-gate tolerance τ")
+    hf.add_argument("--steps", type=_positive_int, default=HFConfig.steps, help="training steps of each trained method")
+    hf.add_argument("--batch-size", type=_positive_int, default=HFConfig.batch_size)
+    hf.add_argument("--lr", type=_positive_float, default=HFConfig.lr)
+    hf.add_argument("--tau", type=_unit_interval, default=HFConfig.tau, help="per-gate tolerance τ")
     hf.add_argument("--per-layer", action="store_true", help="one λ per gate instead of one per channel")
-    hf.add_argument("--max-length", type=_positive_int, default=128, help="tokens per text example")
+    hf.add_argument("--max-length", type=_positive_int, default=HFConfig.max_length, help="tokens per text example")
     hf.add_argument("--text-field", help="the field of a .jsonl/.csv/datasets record that holds the text")
     hf.add_argument("--seed", type=int, default=0)
     hf.add_argument("--onnx", action="store_true", help="also export model.onnx and check it with onnxruntime")
@@ -250,7 +251,7 @@ def _split_for(args: argparse.Namespace, header: dict[str, Any]) -> Split:
 
 
 def _cmd_hf(args: argparse.Namespace, command: str) -> int:
-    from lambda_gelu.runs.hf import HFConfig, run_hf
+    from lambda_gelu.runs.hf import run_hf
 
     config = HFConfig(task=args.task, method=args.method, baselines=args.baselines, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, tau=args.tau, per_channel=not args.per_layer,

@@ -26,6 +26,7 @@ from lambda_gelu.gates import (
     SmoothOp,
     example_runner,
     materialize_function_gates,
+    preserved_modes,
     raise_on_gates,
     record_gates,
     refresh_fast_path_flags,
@@ -285,29 +286,36 @@ def _refuse_lookalikes(model: nn.Module, select: ModuleFilter) -> None:
 
 
 @torch.no_grad()
-def channel_counts(model: nn.Module, example: torch.Tensor, channel_dim: int = -1) -> dict[str, int]:
+def channel_counts(model: nn.Module, example: Any, channel_dim: int = -1) -> dict[str, int]:
     """Size of ``channel_dim`` of each GELU-family layer's input, from one forward pass on ``example``.
 
-    For per-channel conversion:
-    ``convert(model, num_channels=channel_counts(model, x), channel_dim=-1)``.
+    ``example`` as for :func:`relufy` (a tensor, a tuple, a mapping or a callable). For per-channel
+    conversion: ``convert(model, num_channels=channel_counts(model, x), channel_dim=-1)``. A module that
+    sees inputs of different widths (one module used in several places) has no channel count:
+    :class:`ValueError`, naming it.
     """
-    counts: dict[str, int] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if is_gelu(module):
-            def hook(_m: nn.Module, inputs: tuple[torch.Tensor, ...], _out: object, name: str = name) -> None:
-                counts.setdefault(name, int(inputs[0].shape[channel_dim]))
+    materialize_function_gates(model)
+    seen: dict[str, set[int]] = {}
 
-            handles.append(module.register_forward_hook(hook))
-    was_training = model.training
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, inputs: tuple[torch.Tensor, ...], _out: object) -> None:
+            seen.setdefault(name, set()).add(int(inputs[0].shape[channel_dim]))
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in model.named_modules() if is_gelu(m)]
     try:
-        model.eval()
-        model(example)
+        with preserved_modes(model, training=False):
+            example_runner(example)(model)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
-    return counts
+    mixed = {name: sorted(widths) for name, widths in seen.items() if len(widths) > 1}
+    if mixed:
+        name, widths = next(iter(mixed.items()))
+        raise ValueError(f"{name} is one gate module used at widths {widths}: one λ per channel cannot fit it; "
+                         "convert it per layer, or give each use its own module")
+    return {name: widths.pop() for name, widths in seen.items()}
 
 
 def relufy(
@@ -372,8 +380,14 @@ def unreachable_gates(model: nn.Module, example: Any, select: ModuleFilter | Non
     select = select or (lambda m, _n: isinstance(m, LambdaGELU) or is_gelu(m))
     swapped = {link.name for link in _links(model) if select(link.child, link.name)}
     gates = [op for op in record_gates(model, example_runner(example)) if op.gate]
-    fused_activation = {op.module: f"{op.module}.activation" if op.module else "activation" for op in gates}
-    return [op for op in gates if op.module not in swapped and fused_activation[op.module] not in swapped]
+    return [op for op in gates if op.module not in swapped and _fused_activation(op) not in swapped]
+
+
+def _fused_activation(op: SmoothOp) -> str | None:
+    """The activation module behind torch's fused TransformerEncoderLayer GELU (None for any other op)."""
+    if op.module_type != "TransformerEncoderLayer" or not op.op.startswith("gelu (fused"):
+        return None
+    return f"{op.module}.activation" if op.module else "activation"
 
 
 def _refuse_unreachable(model: nn.Module, select: ModuleFilter, example: Any, only_outside: bool = False) -> None:
@@ -383,8 +397,7 @@ def _refuse_unreachable(model: nn.Module, select: ModuleFilter, example: Any, on
     if not left:
         return
     gate_modules = {name for name, m in model.named_modules() if isinstance(m, LambdaGELU) or is_gelu(m)}
-    gate_modules |= {name.rpartition(".")[0] for name in gate_modules if name.endswith("activation")}
-    outside = [op for op in left if op.module not in gate_modules]
+    outside = [op for op in left if op.module not in gate_modules and _fused_activation(op) not in gate_modules]
     if outside:
         raise UnconvertibleGateError(_unreachable_message(model, outside), outside)
     if only_outside:

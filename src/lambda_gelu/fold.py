@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from lambda_gelu.gates import lambda_layers, preserved_modes
 from lambda_gelu.module import LambdaGELU
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -325,12 +326,11 @@ def fold_lambda(model: nn.Module, example: torch.Tensor | None = None) -> FoldRe
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    gates = {name: m for name, m in model.named_modules() if isinstance(m, LambdaGELU)}
+    gates = lambda_layers(model)
     reference = None
     if example is not None:
-        was_training = model.training
-        reference = model.eval()(example)
-        model.train(was_training)
+        with preserved_modes(model, training=False):
+            reference = model(example)
     owners = _parameter_owners(model)
     gate_names = {id(m): [] for m in gates.values()}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -366,9 +366,8 @@ def fold_lambda(model: nn.Module, example: torch.Tensor | None = None) -> FoldRe
             FoldDecision(name, True, "exact", plan.before, tuple(plan.after), traced_in.get(name, "<root>"))
         )
     if example is not None and reference is not None:
-        was_training = model.training
-        folded_out = model.eval()(example)
-        model.train(was_training)
+        with preserved_modes(model, training=False):
+            folded_out = model(example)
         report.max_abs_diff = float((folded_out - reference).abs().max()) if reference.numel() else 0.0
     return report
 

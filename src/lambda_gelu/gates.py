@@ -48,6 +48,9 @@ OTHER_OPS = frozenset({"_softmax", "_log_softmax", "_safe_softmax"})
 """Smooth nonlinearities reported as such, never as gates."""
 
 _PASS_THROUGH = frozenset({"_to_copy", "clone", "alias", "detach", "contiguous", "lift_fresh"})
+_VIEWS = frozenset({"view", "_unsafe_view", "reshape", "expand", "slice", "select", "unsqueeze", "squeeze",
+                    "transpose", "permute", "t", "split", "split_with_sizes", "chunk", "unbind", "narrow",
+                    "flatten", "unflatten", "as_strided", "movedim"})
 
 
 # ---------------------------------------------------------------------------------------------- modes
@@ -185,11 +188,11 @@ class SmoothGateError(AssertionError):
 
 @dataclass
 class _Flow:
-    """Where a tensor came from: ``root`` names the tensor it is an elementwise function of;
-    ``smooth`` is the event of a primitive along the way (None if none)."""
+    """Where a tensor came from: ``root`` names the tensor it is an elementwise function of; ``smooth`` holds
+    the records of the primitives applied along the way."""
 
     root: int
-    smooth: list[Any] | None
+    smooth: tuple[list[Any], ...] = ()
 
 
 class _Recorder(TorchDispatchMode):
@@ -213,7 +216,7 @@ class _Recorder(TorchDispatchMode):
     def flow(self, tensor: torch.Tensor) -> _Flow:
         found = self.flows.get(tensor)
         if found is None:
-            found = _Flow(next(self.tokens), None)
+            found = _Flow(next(self.tokens))
             self.flows[tensor] = found
         return found
 
@@ -232,37 +235,41 @@ class _Recorder(TorchDispatchMode):
                 self.event("gelu (fused TransformerEncoderLayer path)", gate=True)
         elif base in OTHER_OPS:
             self.event(base, gate=False)
+        elif base in _VIEWS and args and isinstance(args[0], torch.Tensor):
+            for tensor in outputs:  # a view, slice or chunk keeps its elements' origin
+                self.flows[tensor] = self.flow(args[0])
+            return out
         elif torch.Tag.pointwise in func.tags or base in _PASS_THROUGH:
             self._pointwise(base, args, kwargs, outputs)
             return out
         for tensor in outputs:
-            self.flows[tensor] = _Flow(next(self.tokens), None)
+            self.flows[tensor] = _Flow(next(self.tokens))
         return out
 
     def _pointwise(self, base: str, args: tuple, kwargs: dict, outputs: list[torch.Tensor]) -> None:
+        size = max((t.numel() for t in outputs), default=0)
         operands = [t for t in itertools.chain(args, kwargs.values())
-                    if isinstance(t, torch.Tensor) and t.dim() > 0 and t.is_floating_point()]
-        flows = [self.flow(t) for t in operands]
+                    if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        # the data: operands as large as the result; smaller ones broadcast (constants, scales, biases)
+        flows = [self.flow(t) for t in operands if t.numel() == size and t.dim() > 0]
         roots = {f.root for f in flows}
-        result: _Flow
-        if len(roots) == 1 and base in ("mul", "div") and len(flows) == 2:
-            smooth = [f.smooth for f in flows]
-            plain_first = smooth[0] is None and smooth[1] is not None
-            if plain_first or (base == "mul" and smooth[1] is None and smooth[0] is not None):
-                record = smooth[1] if plain_first else smooth[0]
-                record[1] = True  # x·s(x) or x / (1 + e^−x): the primitive was a gate
-                result = _Flow(next(self.tokens), None)
-            else:
-                result = _Flow(flows[0].root, smooth[0] or smooth[1])
-        elif len(roots) == 1:
-            smooth = next((f.smooth for f in flows if f.smooth is not None), None)
-            if base in PRIMITIVE_OPS:
-                smooth = self.event(base, gate=False)
+        result = _Flow(next(self.tokens))
+        if len(roots) == 1:
+            smooth: tuple[list[Any], ...] = tuple({id(r): r for f in flows for r in f.smooth}.values())
             result = _Flow(flows[0].root, smooth)
-        else:
-            if base in PRIMITIVE_OPS:
-                self.event(base, gate=False)
-            result = _Flow(next(self.tokens), None)
+            if base in ("mul", "div") and len(flows) == 2:
+                first, second = ({id(r) for r in f.smooth} for f in flows)
+                extra = [r for r in flows[1].smooth if id(r) not in first]  # in the second operand only
+                if base == "mul":
+                    extra += [r for r in flows[0].smooth if id(r) not in second]
+                for record in extra:
+                    record[1] = True  # x·s(x), or x / (1 + e^−x): the primitive was a gate
+                if extra:
+                    result = _Flow(next(self.tokens))
+            elif base in PRIMITIVE_OPS:
+                result = _Flow(flows[0].root, (*smooth, self.event(base, gate=False)))
+        elif base in PRIMITIVE_OPS:
+            self.event(base, gate=False)
         for tensor in outputs:
             self.flows[tensor] = result
 

@@ -10,7 +10,7 @@ framework callbacks all go through it or through its two phase functions,
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,15 +20,14 @@ from torch import nn
 from lambda_gelu import distributed
 from lambda_gelu.batches import Forward, model_device, move_to, take_rows
 from lambda_gelu.calibrate import DEFAULT_TAU, calibrate, discrepancy, layer_targets
-from lambda_gelu.convert import convert, relufy
+from lambda_gelu.convert import channel_counts, convert, relufy
 from lambda_gelu.distill import Objective, make_objective
 from lambda_gelu.gates import (
     SmoothOp,
     activation_layers,
+    function_gates,
     lambda_layers,
     layer_approximation,
-    materialize_function_gates,
-    preserved_modes,
     record_gates,
 )
 from lambda_gelu.losses import OUTPUTS, OutputFn
@@ -236,7 +235,7 @@ def reluize(
 
     if objective is None:
         objective = make_objective(model, loss, output_fn, config.distill_weight)
-    channels = _channel_counts(model, probe) if per_channel else None
+    channels = channel_counts(model, probe) if per_channel and _has_gelu_modules(model) else None
     converted = convert(model, example=probe, num_channels=channels, check_functional=False)
     resumed = checkpointer.resume_state if checkpointer is not None else None
     saved = resumed.get("hardener") if resumed is not None else None
@@ -257,22 +256,5 @@ def reluize(
     return result
 
 
-def _channel_counts(model: nn.Module, probe: Any) -> dict[str, int]:
-    """The last-dim size of every GELU-family layer's input, from one pass of ``probe``."""
-    materialize_function_gates(model)
-    counts: dict[str, int] = {}
-    def hook_for(name: str) -> Callable[..., None]:
-        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: Any) -> None:
-            counts.setdefault(name, int(inputs[0].shape[-1]))
-
-        return hook
-
-    handles = [m.register_forward_hook(hook_for(n)) for n, m in activation_layers(model).items()]
-    try:
-        with torch.no_grad(), preserved_modes(model, training=False):
-            probe(model)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return counts
-
+def _has_gelu_modules(model: nn.Module) -> bool:
+    return len(activation_layers(model)) > len(lambda_layers(model)) or bool(function_gates(model))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lambda_gelu.calibrate import calibrate, discrepancy
-from lambda_gelu.gates import activation_layers, layer_approximation, layer_lambda
+from lambda_gelu.gates import activation_layers, layer_approximation, layer_lambda, preserved_modes
 
 
 @dataclass(frozen=True)
@@ -37,16 +37,12 @@ def predict(model: nn.Module, batches: Iterable[Any]) -> tuple[torch.Tensor, tor
 
     Sequence outputs (B, T, C) with targets (B, T) are flattened to one row per token.
     """
-    was_training = model.training
-    model.eval()
     device = _device(model)
     logits, targets = [], []
-    try:
+    with preserved_modes(model, training=False):
         for x, y in batches:
             logits.append(model(x.to(device)).float().cpu())
             targets.append(y.cpu())
-    finally:
-        model.train(was_training)
     if not logits:
         raise ValueError("no batches to evaluate on")
     logits_all, targets_all = torch.cat(logits), torch.cat(targets)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lambda_gelu.checkpoint import activation_layout
+from lambda_gelu.gates import preserved_modes
 
 NEAR_ZERO = 1e-6
 """|output| below this counts as "near zero" (the GELU family is exactly zero only at x = 0 and on underflow)."""
@@ -86,13 +87,11 @@ def activation_sparsity(model: nn.Module, batches: Iterable[Any], near_zero: flo
         return record
 
     handles = [modules[name].register_forward_hook(hook(name)) for name in layout]
-    was_training = model.training
-    model.eval()
     try:
-        for x, _ in batches:
-            model(x)
+        with preserved_modes(model, training=False):
+            for x, _ in batches:
+                model(x)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     rows = []

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from lambda_gelu.module import LambdaGELU
+from lambda_gelu.gates import lambda_layers
 
 LAMBDA_TAG = "lambda"
 PREACT_TAG = "preact"
@@ -44,9 +44,7 @@ def log_lambdas(writer: ScalarWriter, model: nn.Module, step: int, prefix: str =
     its channels as histogram ``<prefix>_channels/<layer name>``.
     """
     written = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, LambdaGELU):
-            continue
+    for name, module in lambda_layers(model).items():
         lam = module.lam.double().cpu()
         written[name] = float(lam.mean())
         writer.add_scalar(f"{prefix}/{name}", written[name], step)

@@ -39,11 +39,11 @@ from lambda_gelu.affine_fold import swap_fold_
 from lambda_gelu.batches import move_to
 from lambda_gelu.calibrate import DEFAULT_TAU
 from lambda_gelu.convert import relufy, unreachable_gates
-from lambda_gelu.distill import Objective, Teacher
-from lambda_gelu.gates import activation_layers, record_gates
+from lambda_gelu.distill import make_objective
+from lambda_gelu.gates import activation_layers, preserved_modes, record_gates
 from lambda_gelu.harden import HardenConfig, reluize
 from lambda_gelu.integrations.hf_data import Examples, image_batches, load_examples, split_held_out, text_batches
-from lambda_gelu.losses import LOSSES, OutputFn, logits, mean_pooled, next_token_logits, token_logits
+from lambda_gelu.losses import OutputFn, logits, mean_pooled, next_token_logits, token_logits
 from lambda_gelu.resume import Checkpointer
 from lambda_gelu.train import BatchStream, FitStats, train_loop
 
@@ -131,13 +131,20 @@ class HFConfig:
 
 
 def detect_task(config: Any) -> str:
-    """The task of a transformers config, from its ``architectures`` (a bare model is ``feature-extraction``)."""
+    """The task of a transformers config, from its ``architectures`` (a bare model is ``feature-extraction``).
+
+    A head this command does not know (token classification, question answering, a sequence-to-sequence
+    model) is refused rather than loaded as a bare model that would lose it: pass ``--task`` to choose.
+    """
     architecture = (getattr(config, "architectures", None) or [""])[0]
     for suffix, task in (("ForSequenceClassification", "sequence-classification"),
                          ("ForMaskedLM", "masked-lm"), ("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"),
                          ("ForImageClassification", "image-classification")):
         if architecture.endswith(suffix):
             return task
+    if "For" in architecture or (architecture.endswith("Model") and architecture[:-5].endswith(("LM", "Head"))):
+        raise HFUsageError(f"the config's architecture {architecture} has a head lambda-gelu hf does not know; "
+                           f"pass --task ({', '.join(TASKS)}) if one of them fits")
     return "feature-extraction"
 
 
@@ -286,10 +293,17 @@ class MethodRun:
 
 def run_method(name: str, original: nn.Module, data: Data, task: str, config: HFConfig, *,
                progress: bool = True, checkpointer: Checkpointer | None = None) -> MethodRun:
-    """ReLU-ize a copy of ``original`` with method ``name``; the original is the teacher and is not changed."""
+    """ReLU-ize a copy of ``original`` with method ``name``; the original is the teacher and is not changed.
+
+    Every trained method trains all weights but the input token table, with dropout off, on the same batches
+    in the same order, with the same optimizer and learning-rate schedule.
+    """
     start = time.perf_counter()
     spec = TASKS[task]
     model = copy.deepcopy(original)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(embeddings, nn.Module):
+        embeddings.requires_grad_(False)  # the token table stays as it is (no gate reads it directly)
     probe = _runner(task, data.calibration[0])
     harden_config = config.harden_config()
     if name == "lambda-gelu":
@@ -310,7 +324,7 @@ def run_method(name: str, original: nn.Module, data: Data, task: str, config: HF
         relufy(model, include_gelu=True, example=probe)
     if name == "direct-swap":
         return MethodRun(name, model, 0, time.perf_counter() - start, [], details)
-    objective = Objective(spec.output, ((1.0, LOSSES[spec.loss]),), Teacher(original, spec.output))
+    objective = make_objective(original, spec.loss, spec.output)
     losses = train_loop(model, BatchStream.of_batches(data.train, config.seed), objective,
                         harden_config.train_config(), desc=name, progress=progress, checkpointer=checkpointer,
                         stats=FitStats(), training=False)
@@ -325,18 +339,6 @@ def _summary(value: torch.Tensor) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- report
 
 
-@torch.no_grad()
-def outputs_on(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], task: str) -> torch.Tensor:
-    """The task's output of ``model`` on every held-out batch, concatenated (eval mode, no gradients)."""
-    was = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        return torch.cat([TASKS[task].output(model, b).float() for b in batches])
-    finally:
-        for m, mode in was:
-            m.training = mode
-
-
 def agreement_at_k(reference: torch.Tensor, other: torch.Tensor, k: int) -> float:
     """Mean over rows of |kNN_reference(i) ∩ kNN_other(i)| / k, neighbours by cosine among the rows."""
     def neighbours(e: torch.Tensor) -> torch.Tensor:
@@ -348,23 +350,37 @@ def agreement_at_k(reference: torch.Tensor, other: torch.Tensor, k: int) -> floa
     return float((a.unsqueeze(2) == b.unsqueeze(1)).any(2).sum(1).double().mean() / k)
 
 
-def held_out_scores(reference: torch.Tensor, other: torch.Tensor, task: str, k: int) -> dict[str, float]:
-    """How close a model's held-out outputs are to the original's.
+@torch.no_grad()
+def held_out_scores(original: nn.Module, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], task: str,
+                    k: int) -> dict[str, float]:
+    """How close ``model``'s held-out outputs are to ``original``'s (both in eval mode, batch by batch).
 
     Embeddings: cosine (mean, min, 5th percentile) and agreement@k.
     Classifiers and token models: agreement of the top-1 prediction with the
-    original's (%), the mean KL(original ‖ model), and the cross-entropy
-    against the original's top-1 prediction.
+    original's (%), the mean KL(original ‖ model) per row, and the
+    cross-entropy against the original's top-1 prediction; summed batch by
+    batch, so a language model's logits are never all held at once.
     """
-    if TASKS[task].kind == "embedding":
-        cosine = F.cosine_similarity(reference, other, dim=-1).double()
-        return {"cosine_mean": float(cosine.mean()), "cosine_p05": float(torch.quantile(cosine, 0.05)),
-                "cosine_min": float(cosine.min()), f"agreement_at_{k}": agreement_at_k(reference, other, k)}
-    top1 = reference.argmax(-1)
-    return {"agreement": 100.0 * float((other.argmax(-1) == top1).double().mean()),
-            "kl": max(0.0, float(F.kl_div(F.log_softmax(other, -1), F.log_softmax(reference, -1), log_target=True,
-                                          reduction="batchmean"))),  # >= 0; rounding can dip below
-            "loss_vs_original": float(F.cross_entropy(other, top1))}
+    output = TASKS[task].output
+    with preserved_modes(original, training=False), preserved_modes(model, training=False):
+        if TASKS[task].kind == "embedding":
+            reference = torch.cat([output(original, b).float() for b in batches])
+            other = torch.cat([output(model, b).float() for b in batches])
+            cosine = F.cosine_similarity(reference, other, dim=-1).double()
+            return {"cosine_mean": float(cosine.mean()), "cosine_p05": float(torch.quantile(cosine, 0.05)),
+                    "cosine_min": float(cosine.min()), f"agreement_at_{k}": agreement_at_k(reference, other, k)}
+        rows = agree = kl = ce = 0.0
+        for batch in batches:
+            reference, other = output(original, batch).float(), output(model, batch).float()
+            top1 = reference.argmax(-1)
+            rows += top1.numel()
+            agree += float((other.argmax(-1) == top1).sum())
+            kl += float(F.kl_div(F.log_softmax(other, -1), F.log_softmax(reference, -1), log_target=True,
+                                 reduction="sum"))
+            ce += float(F.cross_entropy(other.reshape(-1, other.shape[-1]), top1.reshape(-1), reduction="sum"))
+    rows = max(rows, 1.0)
+    return {"agreement": 100.0 * agree / rows, "kl": max(0.0, kl / rows),  # >= 0; rounding can dip below
+            "loss_vs_original": ce / rows}
 
 
 # ---------------------------------------------------------------------------------------------- save and verify
@@ -372,9 +388,10 @@ def held_out_scores(reference: torch.Tensor, other: torch.Tensor, task: str, k: 
 RELOAD_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch, transformers
-    folder, auto_class, task_kind = sys.argv[1], sys.argv[2], sys.argv[3]
-    model = getattr(transformers, auto_class).from_pretrained(folder, use_safetensors=True).eval()
-    batch = torch.load(f"{folder}/.reload-check.pt")
+    folder, auto_class, task_kind, trust = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+    model = getattr(transformers, auto_class).from_pretrained(folder, use_safetensors=True,
+                                                              trust_remote_code=trust).eval()
+    batch = torch.load(f"{folder}/.reload-check.pt", weights_only=True)
     with torch.no_grad():
         out = model(**batch)
     hidden = out.last_hidden_state if task_kind == "embedding" else out.logits
@@ -385,7 +402,8 @@ RELOAD_SCRIPT = textwrap.dedent(
 )
 
 
-def verify_reload(folder: Path, relu_model: nn.Module, task: str, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+def verify_reload(folder: Path, relu_model: nn.Module, task: str, batch: dict[str, torch.Tensor],
+                  trust_remote_code: bool = False) -> dict[str, Any]:
     """Reload ``folder`` with stock transformers in a fresh process (no lambda-gelu) and compare its output with
     ``relu_model``'s on ``batch``; then reload it here and prove with the dispatcher that it computes no smooth gate."""
     import transformers
@@ -395,22 +413,25 @@ def verify_reload(folder: Path, relu_model: nn.Module, task: str, batch: dict[st
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     try:
-        done = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, str(folder), spec.auto_class, spec.kind],
-                              capture_output=True, text=True, env=env, cwd=folder, timeout=600)
+        done = subprocess.run([sys.executable, "-I", "-c", RELOAD_SCRIPT, str(folder), spec.auto_class, spec.kind,
+                               "1" if trust_remote_code else "0"],
+                              capture_output=True, text=True, env=env, cwd=folder.parent, timeout=600)
         if done.returncode != 0:
             raise HFUsageError(f"stock transformers could not reload {folder}: "
                                f"{(done.stderr.strip().splitlines() or ['no message'])[-1]}")
         info = json.loads(done.stdout.strip().splitlines()[-1])
-        stock = torch.load(folder / ".reload-out.pt")
+        stock = torch.load(folder / ".reload-out.pt", weights_only=True)
     finally:
         for name in (".reload-check.pt", ".reload-out.pt"):
             (folder / name).unlink(missing_ok=True)
     with torch.no_grad():
         out = relu_model(**batch)
     ours = out.last_hidden_state if spec.kind == "embedding" else out.logits
-    reloaded = getattr(transformers, spec.auto_class).from_pretrained(folder, use_safetensors=True).eval()
-    gates = [str(op) for op in record_gates(reloaded, lambda m: m(**batch)) if op.gate]
-    others = sorted({op.op for op in record_gates(reloaded, lambda m: m(**batch)) if not op.gate})
+    reloaded = getattr(transformers, spec.auto_class).from_pretrained(
+        folder, use_safetensors=True, trust_remote_code=trust_remote_code).eval()
+    found = record_gates(reloaded, lambda m: m(**batch))
+    gates = [str(op) for op in found if op.gate]
+    others = sorted({op.op for op in found if not op.gate})
     scale = float(ours.abs().max()) or 1.0
     info.update(max_abs_diff=float((stock - ours).abs().max()), relative_diff=float((stock - ours).abs().max()) / scale,
                 smooth_gates=gates, other_nonlinearities=others)
@@ -455,8 +476,11 @@ def export_onnx_checked(model: nn.Module, batch: dict[str, torch.Tensor], path: 
     got = session.run(None, {n: batch[n].numpy() for n in names})[0]
     with torch.no_grad():
         want = wrapper(*inputs)
-    return {"file": path.name, "op_counts": census, "smooth_ops": sorted(set(census) & SMOOTH_GATE_OPS),
-            "max_abs_diff": float((torch.from_numpy(got) - want).abs().max())}
+    report = {"file": path.name, "op_counts": census, "smooth_ops": sorted(set(census) & SMOOTH_GATE_OPS),
+              "max_abs_diff": float((torch.from_numpy(got) - want).abs().max())}
+    if not report["max_abs_diff"] <= 1e-3 * max(1.0, float(want.abs().max())):
+        raise HFUsageError(f"{path}: onnxruntime's output differs from torch's by {report['max_abs_diff']:.3g}")
+    return report
 
 
 # ---------------------------------------------------------------------------------------------- the command
@@ -491,12 +515,11 @@ def run_hf(model_dir: str | Path, data_path: str | Path, out: str | Path, config
     trained = [m for m in config.methods if m != "direct-swap"]
     checkpointers = {m: open_run_state(out.with_name(f"{out.name}.{m}"), dict(run_args or {}, method=m),
                                        resume=resume, force=force) for m in trained}
-    reference = outputs_on(original, data.held_out, task)
     runs, scores = [], {}
     for name in config.methods:
         run = run_method(name, original, data, task, config, progress=progress, checkpointer=checkpointers.get(name))
         runs.append(run)
-        scores[name] = held_out_scores(reference, outputs_on(run.model, data.held_out, task), task, config.k)
+        scores[name] = held_out_scores(original, run.model, data.held_out, task, config.k)
     metrics: dict[str, Any] = {
         "command": command, "task": task, "model": str(model_dir), "model_class": type(original).__name__,
         "data": {"source": data.source, "train_examples": data.train_examples,
@@ -509,10 +532,14 @@ def run_hf(model_dir: str | Path, data_path: str | Path, out: str | Path, config
     }
     chosen = runs[0]
     with staged_dir(out, force=force) as stage:
+        trust = config.trust_remote_code
         save_folder(stage, chosen, processor)
-        metrics["verification"] = verify_reload(stage, chosen.model, task, data.held_out[0])
+        metrics["verification"] = verify_reload(stage, chosen.model, task, data.held_out[0], trust)
         for run in runs[1:]:
-            save_folder(stage / "baselines" / run.name, run, processor)
+            folder = stage / "baselines" / run.name
+            save_folder(folder, run, processor)
+            metrics["methods"][run.name]["verification"] = verify_reload(folder, run.model, task,
+                                                                         data.held_out[0], trust)
         if config.onnx:
             metrics["onnx"] = export_onnx_checked(chosen.model, data.held_out[0], stage / "model.onnx", task)
         if chosen.name == "lambda-gelu":
