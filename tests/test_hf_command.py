@@ -159,3 +159,31 @@ def test_hf_on_the_packaged_minilm_end_to_end(tmp_path, tokenizer_dir, sentences
     assert all(layer["discrepancy_at_swap"] <= 1.05e-5 for layer in layers.values())  # every gate met τ
     assert metrics["verification"]["smooth_gates"] == [] and metrics["verification"]["max_abs_diff"] <= 1e-5
     assert os.path.getsize(out / "model.safetensors") > 80e6
+
+
+def test_hf_image_classification_on_a_folder_of_images(tmp_path, capsys):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for i in range(40):
+        pixels = torch.randint(0, 256, (20, 20, 3), generator=generator, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(images / f"{i:02d}.png")
+    config = transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=64, num_labels=3)
+    torch.manual_seed(0)
+    model_dir = tmp_path / "vit"
+    transformers.ViTForImageClassification(config).save_pretrained(model_dir)
+    transformers.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(model_dir)
+    out = tmp_path / "relu"
+    code, err = run(["hf", model_dir, "--data", images, "--out", out, "--steps", "2", "--batch-size", "8",
+                     "--onnx", "--no-progress"], capsys)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "image-classification" and metrics["data"]["held_out_examples"] == 4
+    assert metrics["onnx"]["op_counts"]["Relu"] == 2 and metrics["onnx"]["smooth_ops"] == []
+    stock = transformers.AutoModelForImageClassification.from_pretrained(out).eval()
+    pixels = transformers.AutoImageProcessor.from_pretrained(out)(
+        images=[Image.open(images / "00.png").convert("RGB")], return_tensors="pt")
+    assert lg.assert_relu(stock, **pixels) == [] and stock.config.hidden_act == "relu"

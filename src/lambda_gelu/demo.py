@@ -155,7 +155,7 @@ def _relufy(run: _Run, lam_model: nn.Module) -> tuple[nn.Module, Hardener, Disru
     run.say(f"[3/5] ReLU-izing: λ → targets (τ = {harden_cfg.tau:g}) over {harden_cfg.steps} steps")
     hardened = copy.deepcopy(lam_model)
     hardener = harden(hardened, run.split, harden_cfg, progress=run.progress)
-    relu_model = relu_copy(hardened)
+    relu_model = relu_copy(hardened, example=run.split.x_test[:2])  # proven: no smooth gate runs
     swap = disruption(hardened, relu_model, run.split.test_batches())
     plot_gates(hardened, calibrate(hardened, run.split.train_batches()), run.stage / "plots/gates_hardened.png")
     run.save("hardened", hardened)
@@ -166,7 +166,7 @@ def _relufy(run: _Run, lam_model: nn.Module) -> tuple[nn.Module, Hardener, Disru
 def _baselines(run: _Run, gelu_model: nn.Module) -> tuple[Disruption, Evaluation]:
     """Phase 4: direct swap of the GELU model, and the swap fine-tuned for as many steps as the hardening."""
     run.say("[4/5] baselines: direct swap, swap + fine-tuning (same steps)")
-    swapped = relu_copy(gelu_model, include_gelu=True)
+    swapped = relu_copy(gelu_model, include_gelu=True, example=run.split.x_test[:2])
     direct = disruption(gelu_model, swapped, run.split.test_batches())
     fit(swapped, run.split, run.config.harden.train_config(), desc="swap+FT", progress=run.progress)
     return direct, evaluate(swapped, run.split.test_batches())

@@ -76,7 +76,7 @@ def _extra_run(method: str, pair: PairSpec, split, seed: int, steps: int, gelu: 
     test = split.test_batches(256)
     metric = pair.metric
     if method in ("swap_ft", "swap_ft_distill"):
-        model = relu_copy(gelu, include_gelu=True)
+        model = relu_copy(gelu, include_gelu=True, example=split.x_test[:2])
         teacher = Teacher(gelu) if method == "swap_ft_distill" else None
         fit(model, split, config.train_config(), teacher=teacher,
             distill_weight=config.distill_weight if teacher else 0.0, desc=method, progress=False)
@@ -86,7 +86,7 @@ def _extra_run(method: str, pair: PairSpec, split, seed: int, steps: int, gelu: 
     if method == "harden_fixed":
         convert(smooth)  # λ = 1: the GELU model itself
     harden(smooth, split, config, progress=False)
-    relu = relu_copy(smooth)
+    relu = relu_copy(smooth, example=split.x_test[:2])
     swap = disruption(smooth, relu, test)
     before = metric.score_parts(swap.accuracy_before, swap.loss_before)
     after = metric.score_parts(swap.accuracy_after, swap.loss_after)
@@ -108,8 +108,9 @@ def run_pair_seed(pair: PairSpec, ctx: StudyContext, seed: int) -> list[dict[str
     gelu_score, gelu_eval = score(pair, gelu, split)
     lam_score, _ = score(pair, lam, split)
     relu_score, relu_eval = score(pair, relu, split)
-    direct = disruption(gelu, relu_copy(gelu, include_gelu=True), test)
-    lam_direct = disruption(lam, relu_copy(lam), test)
+    example = split.x_test[:2]
+    direct = disruption(gelu, relu_copy(gelu, include_gelu=True, example=example), test)
+    lam_direct = disruption(lam, relu_copy(lam, example=example), test)
     direct_after = metric.score_parts(direct.accuracy_after, direct.loss_after)
     lam_after = metric.score_parts(lam_direct.accuracy_after, lam_direct.loss_after)
 
