@@ -255,3 +255,38 @@ def test_affine_fold_is_exact_for_the_fit_and_beats_the_plain_swap():
         torch.testing.assert_close(folded(inputs), model[2](fit), atol=1e-5, rtol=1e-5)  # the fold is exact
         assert F.mse_loss(folded(inputs), original) < 0.5 * F.mse_loss(direct(inputs), original)
     assert lg.assert_relu(folded, inputs[:2]) == []
+
+
+# ---------------------------------------------------------------- resume
+
+
+def test_reluize_on_a_shuffling_dataloader_stopped_by_a_signal_resumes_bitwise(tmp_path):
+    import os
+    import signal
+
+    from lambda_gelu.resume import Checkpointer, TrainingInterrupted
+
+    loader = DataLoader(TensorDataset(X, Y), batch_size=64, shuffle=True)
+    config = HardenConfig(steps=24, retarget_every=5, lr=3e-3, calibration_batches=2)
+    reference = gelu_mlp()
+    reluize(reference, loader, config=config, progress=False)
+
+    model = gelu_mlp()
+    calls = {"n": 0}
+
+    def stop_on_the_15th_training_forward(module: nn.Module, _inputs: tuple) -> None:
+        if module is model and module.training:
+            calls["n"] += 1
+            if calls["n"] == 15:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    handle = model.register_forward_pre_hook(stop_on_the_15th_training_forward)
+    with pytest.raises(TrainingInterrupted):
+        reluize(model, loader, config=config, progress=False, checkpointer=Checkpointer(tmp_path))
+    handle.remove()
+    resumed = gelu_mlp()
+    result = reluize(resumed, loader, config=config, progress=False,
+                     checkpointer=Checkpointer(tmp_path, resume=True))
+    assert len(result.losses) == config.steps
+    want, got = reference.state_dict(), resumed.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

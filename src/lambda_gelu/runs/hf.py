@@ -515,6 +515,10 @@ def run_hf(model_dir: str | Path, data_path: str | Path, out: str | Path, config
     trained = [m for m in config.methods if m != "direct-swap"]
     checkpointers = {m: open_run_state(out.with_name(f"{out.name}.{m}"), dict(run_args or {}, method=m),
                                        resume=resume, force=force) for m in trained}
+    for name, checkpointer in checkpointers.items():
+        if checkpointer.resume_state is not None:
+            print(f"{name}: resuming from step {checkpointer.resume_state.step} ({checkpointer.resume_state.path})",
+                  file=sys.stderr)
     runs, scores = [], {}
     for name in config.methods:
         run = run_method(name, original, data, task, config, progress=progress, checkpointer=checkpointers.get(name))
