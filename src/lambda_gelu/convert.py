@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lambda_gelu.batches import model_device
 from lambda_gelu.gates import (
     SmoothGateError,
     SmoothOp,
@@ -255,7 +256,7 @@ def convert(
             channel_dim=channel_dim,
             approximate=gelu_approximation(module) or "none",
         )
-        return new.to(_device_of(model))
+        return new.to(model_device(model))
 
     changed = _run(model, is_gelu, lambda m: isinstance(m, LambdaGELU), make, p, filter_fn,
                    f"GELU-family modules {[c.__name__ for c in GELU_REGISTRY]}")
@@ -415,14 +416,6 @@ def _unreachable_message(model: nn.Module, left: list[SmoothOp]) -> str:
             "replace it by an activation module in the model's code, or leave this model as it is")
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
 _FUNCTIONAL_GELU = (torch.nn.functional.gelu, torch._C._nn.gelu)
 _GELU_CALL = re.compile(r"\.gelu\s*\(")
 
@@ -496,7 +489,7 @@ def convert_fx(
             approximate = node.args[1]
         name = f"lambda_gelu_{len(names)}"
         graph_module.add_submodule(
-            name, LambdaGELU(init=init, learnable=learnable, approximate=approximate).to(_device_of(model))
+            name, LambdaGELU(init=init, learnable=learnable, approximate=approximate).to(model_device(model))
         )
         with graph_module.graph.inserting_after(node):
             new_node = graph_module.graph.call_module(name, args=(node.args[0],))
