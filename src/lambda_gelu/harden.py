@@ -209,24 +209,33 @@ def reluize(
     3. **Harden**: train the weights for ``config.steps`` steps on ``batches``
        (re-iterated as needed) while λ follows the schedule to λ*, re-targeting
        every ``config.retarget_every`` steps.
-    4. **Finish**: a last re-target, then λ = λ* exactly; the remaining
-       discrepancy of every layer is measured.
+    4. **Finish**: re-target on the model at its final λ until no target
+       rises, then λ = λ* exactly; the remaining discrepancy of every layer is
+       measured.
     5. **Swap** every λ-GELU for ``nn.ReLU`` and **verify** with
        :func:`lambda_gelu.assert_relu` that no smooth gate runs (``swap=False``
        stops before the swap).
 
     ``output(model, batch)`` gets the tensor the loss reads (a name from
-    :data:`lambda_gelu.losses.OUTPUTS` or a function); ``loss`` names a
-    built-in loss (``cross-entropy``, ``kl``, ``cosine``, ``mse``; the last
-    three compare with a frozen copy of the model taken before any change);
-    ``objective`` replaces both. The model's train/eval mode is preserved:
+    :data:`lambda_gelu.losses.OUTPUTS` or a function; it also runs the model
+    for calibration and the proof, so give it with ``objective`` too);
+    ``loss`` names a built-in loss (``kl``, ``cosine`` and ``mse`` compare
+    with a frozen copy of the model taken before any change; ``cross-entropy``
+    reads the batch's labels, mixed with KL to that copy by
+    ``config.distill_weight``, 0.5 by default); ``objective`` replaces it. The model's train/eval mode is preserved:
     every submodule leaves in the mode it came in.
     """
     config = config or HardenConfig()
     output_fn = OUTPUTS[output] if isinstance(output, str) else output
     device = model_device(model)
-    calibration = list(calibration if calibration is not None else
-                       itertools.islice(batches, config.calibration_batches))
+    if not isinstance(batches, BatchStream) and iter(batches) is batches:
+        raise ValueError("batches must be re-iterable (a DataLoader or a list), not an iterator: training "
+                         "goes over them more than once")
+    if calibration is None:
+        with torch.random.fork_rng(devices=[]):  # a shuffling DataLoader's first batches, the same every run
+            torch.manual_seed(config.seed)
+            calibration = list(itertools.islice(batches, config.calibration_batches))
+    calibration = list(calibration)
     if not calibration:
         raise ValueError("no calibration batches: the batches are empty")
 
