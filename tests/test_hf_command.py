@@ -161,7 +161,7 @@ def test_hf_on_the_packaged_minilm_end_to_end(tmp_path, tokenizer_dir, sentences
     assert os.path.getsize(out / "model.safetensors") > 80e6
 
 
-def test_hf_image_classification_on_a_folder_of_images(tmp_path, capsys):
+def test_hf_image_classification_on_a_folder_of_images(tmp_path, capsys, monkeypatch):
     from PIL import Image
 
     images = tmp_path / "images"
@@ -177,7 +177,8 @@ def test_hf_image_classification_on_a_folder_of_images(tmp_path, capsys):
     transformers.ViTForImageClassification(config).save_pretrained(model_dir)
     transformers.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(model_dir)
     out = tmp_path / "relu"
-    code, err = run(["hf", model_dir, "--data", images, "--out", out, "--steps", "2", "--batch-size", "8",
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user types them
+    code, err = run(["hf", "vit", "--data", "images", "--out", "relu", "--steps", "2", "--batch-size", "8",
                      "--onnx", "--no-progress"], capsys)
     assert code == 0, err
     metrics = json.loads((out / "metrics.json").read_text())

@@ -409,6 +409,7 @@ def verify_reload(folder: Path, relu_model: nn.Module, task: str, batch: dict[st
     import transformers
 
     spec = TASKS[task]
+    folder = folder.resolve()  # the reload runs elsewhere, and a relative name would be taken for a hub id
     torch.save(batch, folder / ".reload-check.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
