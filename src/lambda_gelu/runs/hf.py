@@ -587,7 +587,7 @@ def model_card(metrics: dict[str, Any], chosen: str) -> str:
     verification = metrics["verification"]
     lines = [
         "---", "library_name: transformers", "tags:", "- relu", "- lambda-gelu", "---", "",
-        f"# {Path(metrics['model']).name or metrics['model']} → exact ReLU ({LABELS[chosen]})", "",
+        f"# {_model_name(metrics['model'])} → exact ReLU ({LABELS[chosen]})", "",
         f"Every GELU gate of this `{metrics['model_class']}` ({len(metrics['gates'])} gate modules) now computes "
         f"ReLU. It loads with stock transformers, no lambda-gelu needed: "
         f"`transformers.{TASKS[task].auto_class}.from_pretrained(this_folder)`.", "",
@@ -634,6 +634,12 @@ def model_card(metrics: dict[str, Any], chosen: str) -> str:
                      f"{onnx['max_abs_diff']:.2e}.")
     lines += ["", "Settings: " + ", ".join(f"{k}={v}" for k, v in config.items() if v is not None), ""]
     return "\n".join(lines)
+
+
+def _model_name(path: str) -> str:
+    """A folder's name for a title; a generic last part ("model") takes its parent's name too."""
+    parts = Path(path).resolve().parts
+    return "/".join(parts[-2:]) if parts and parts[-1] in ("model", "models", "checkpoint") else parts[-1]
 
 
 def _winner(metrics: dict[str, Any], key: str) -> str:
