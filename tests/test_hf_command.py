@@ -125,10 +125,16 @@ def test_hf_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, tokenizer
     electra = save_tiny(tmp_path / "electra", tokenizer_dir, "ElectraForSequenceClassification", "ElectraConfig",
                         embedding_size=32)
     tokens = save_tiny(tmp_path / "tokens", tokenizer_dir, "BertForTokenClassification", num_labels=3)
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (damaged / name).write_bytes((good / name).read_bytes())
+    (damaged / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes()[:1000])
     existing = tmp_path / "existing"
     existing.mkdir()
     cases = [
         (tokens, sentences, tmp_path / "o0", "has a head lambda-gelu hf does not know; pass --task"),
+        (damaged, sentences, tmp_path / "o6", "cannot load it as feature-extraction"),
         (pickled, sentences, tmp_path / "o1", "only pickle weights"),
         (remote, sentences, tmp_path / "o2", "--trust-remote-code"),
         (electra, sentences, tmp_path / "o3", "cannot be saved as a stock ReLU model"),

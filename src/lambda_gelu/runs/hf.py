@@ -181,18 +181,21 @@ def load_folder(path: str | Path, config: HFConfig) -> tuple[nn.Module, Any, str
     except ImportError as error:
         raise HFUsageError("lambda-gelu hf needs transformers: pip install 'lambda-gelu[hf]'") from error
     kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
-    model_config = transformers.AutoConfig.from_pretrained(path, **kwargs)
+    try:
+        model_config = transformers.AutoConfig.from_pretrained(path, **kwargs)
+    except Exception as error:  # a user's folder can fail in many ways; each is one line, not a traceback
+        raise HFUsageError(f"{path}: not a config transformers can read ({str(error).splitlines()[0]})") from None
     task = config.task or detect_task(model_config)
     auto = getattr(transformers, TASKS[task].auto_class)
     try:
         model = auto.from_pretrained(path, use_safetensors=not config.allow_pickle or None, **kwargs)
-    except (ValueError, OSError, KeyError) as error:
+    except Exception as error:  # a damaged weights file raises the safetensors library's own error
         raise HFUsageError(f"{path}: cannot load it as {task} ({TASKS[task].auto_class}): "
                            f"{str(error).splitlines()[0]}") from None
     processor_class = transformers.AutoImageProcessor if TASKS[task].data == "image" else transformers.AutoTokenizer
     try:
         processor = processor_class.from_pretrained(path, **kwargs)
-    except (ValueError, OSError, KeyError) as error:
+    except Exception as error:
         what = "image processor" if TASKS[task].data == "image" else "tokenizer"
         raise HFUsageError(f"{path}: no usable {what} ({str(error).splitlines()[0]})") from None
     if TASKS[task].data == "text" and getattr(processor, "pad_token", "") is None:
