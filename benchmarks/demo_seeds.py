@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from lambda_gelu.demo import DemoConfig, run_demo
-from lambda_gelu.pipeline import HardenConfig
+from lambda_gelu.harden import HardenConfig
 
 
 def main() -> None:

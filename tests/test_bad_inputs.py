@@ -23,10 +23,11 @@ import lambda_gelu as lg
 from lambda_gelu.checkpoint import load_checkpoint, save_checkpoint
 from lambda_gelu.cli import build_parser, main
 from lambda_gelu.data import DATASETS, load_dataset
+from lambda_gelu.harden import HardenConfig
 from lambda_gelu.metrics import evaluate
 from lambda_gelu.models import build_model, make_activation
 from lambda_gelu.outputs import check_writable, staged_dir
-from lambda_gelu.pipeline import HardenConfig, harden
+from lambda_gelu.pipeline import harden
 from lambda_gelu.resume import Checkpointer
 from lambda_gelu.train import TrainConfig, fit
 

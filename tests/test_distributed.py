@@ -13,8 +13,9 @@ import torch.multiprocessing as mp
 
 from lambda_gelu import LambdaGELU, convert, distributed
 from lambda_gelu.data import load_dataset
+from lambda_gelu.harden import HardenConfig
 from lambda_gelu.models import build_model
-from lambda_gelu.pipeline import HardenConfig, harden
+from lambda_gelu.pipeline import harden
 from lambda_gelu.resume import Checkpointer, state_paths
 from lambda_gelu.train import TrainConfig, fit
 

@@ -12,8 +12,9 @@ import torch
 
 from lambda_gelu import LambdaGELU, convert, lambda_gelu
 from lambda_gelu.data import load_dataset
+from lambda_gelu.harden import HardenConfig
 from lambda_gelu.models import build_model
-from lambda_gelu.pipeline import HardenConfig, harden
+from lambda_gelu.pipeline import harden
 from lambda_gelu.resume import Checkpointer, load_state, state_paths
 from lambda_gelu.train import BatchStream, FitStats, NonFiniteError, TrainConfig, all_finite, fit
 

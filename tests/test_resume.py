@@ -20,9 +20,10 @@ from lambda_gelu import convert
 from lambda_gelu.checkpoint import CheckpointError
 from lambda_gelu.cli import main
 from lambda_gelu.data import load_dataset
+from lambda_gelu.harden import HardenConfig
 from lambda_gelu.models import build_model
 from lambda_gelu.outputs import OutputExistsError
-from lambda_gelu.pipeline import HardenConfig, harden
+from lambda_gelu.pipeline import harden
 from lambda_gelu.profile import HardnessRecorder
 from lambda_gelu.resume import (
     Checkpointer,

@@ -18,10 +18,11 @@ from lambda_gelu.calibrate import calibrate
 from lambda_gelu.checkpoint import load_checkpoint, save_checkpoint
 from lambda_gelu.convert import channel_counts, convert
 from lambda_gelu.data import DATASETS, Split, load_dataset
+from lambda_gelu.harden import HardenConfig
 from lambda_gelu.metrics import disruption, evaluate
 from lambda_gelu.models import ACTIVATIONS, MODELS, build_model, model_kwargs_for
 from lambda_gelu.outputs import check_writable, staged_dir
-from lambda_gelu.pipeline import HardenConfig, harden, relu_copy
+from lambda_gelu.pipeline import harden, relu_copy
 from lambda_gelu.profile import HardnessRecorder, hardness, profile_table
 from lambda_gelu.resume import Checkpointer, TrainingInterrupted, graceful_stop, open_run_state
 from lambda_gelu.runs.hf import METHODS as HF_METHODS

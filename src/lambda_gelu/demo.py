@@ -19,10 +19,11 @@ from lambda_gelu.checkpoint import save_checkpoint
 from lambda_gelu.convert import convert
 from lambda_gelu.data import Split, load_dataset
 from lambda_gelu.export import check_onnx, export_onnx
+from lambda_gelu.harden import HardenConfig
 from lambda_gelu.metrics import Disruption, Evaluation, disruption, evaluate
 from lambda_gelu.models import build_model
 from lambda_gelu.outputs import staged_dir
-from lambda_gelu.pipeline import HardenConfig, harden, relu_copy
+from lambda_gelu.pipeline import harden, relu_copy
 from lambda_gelu.plots import plot_gates, plot_profile, plot_trajectories
 from lambda_gelu.profile import HardnessRecorder, LayerHardness, hardness, profile_table
 from lambda_gelu.schedule import Hardener

@@ -81,6 +81,13 @@ class Objective:
         return total if total is not None else output.sum() * 0.0
 
 
+def distilled_cross_entropy(distill_weight: float) -> tuple[tuple[float, LossFn], ...]:
+    """The loss terms (1 − w)·CE + w·KL(teacher ‖ model); CE alone for w = 0."""
+    if not distill_weight:
+        return ((1.0, cross_entropy),)
+    return ((1.0 - distill_weight, cross_entropy), (distill_weight, kl))
+
+
 def make_objective(
     model: nn.Module, loss: str = "cross-entropy", output: str | OutputFn = "logits", distill_weight: float = 0.0
 ) -> Objective:
@@ -96,7 +103,6 @@ def make_objective(
         raise ValueError(f"distill_weight must be in [0, 1], got {distill_weight}")
     output_fn = OUTPUTS[output] if isinstance(output, str) else output
     if loss == "cross-entropy" and distill_weight > 0:
-        return Objective(output_fn, ((1.0 - distill_weight, cross_entropy), (distill_weight, kl)),
-                         Teacher(model, output_fn))
+        return Objective(output_fn, distilled_cross_entropy(distill_weight), Teacher(model, output_fn))
     teacher = Teacher(model, output_fn) if loss in NEEDS_TEACHER else None
     return Objective(output_fn, ((1.0, LOSSES[loss]),), teacher)

@@ -15,7 +15,7 @@ from lambda_gelu.resume import Checkpointer
 from lambda_gelu.schedule import Hardener
 from lambda_gelu.train import BatchStream, FitStats
 
-__all__ = ["HardenConfig", "calibration_batches", "harden", "relu_copy"]
+__all__ = ["calibration_batches", "harden", "relu_copy"]
 
 
 def calibration_batches(split: Split, config: HardenConfig) -> list[torch.Tensor]:

@@ -47,9 +47,9 @@ from lambda_gelu import distributed
 from lambda_gelu.batches import model_device, move_to
 from lambda_gelu.checkpoint import CheckpointError, check_weights
 from lambda_gelu.data import Split
-from lambda_gelu.distill import Objective, Teacher
+from lambda_gelu.distill import Objective, Teacher, distilled_cross_entropy
 from lambda_gelu.gates import lambda_layers, preserved_modes
-from lambda_gelu.losses import cross_entropy, kl, logits
+from lambda_gelu.losses import logits
 from lambda_gelu.optim import param_groups
 from lambda_gelu.profile import HardnessRecorder
 from lambda_gelu.resume import (
@@ -481,8 +481,7 @@ def fit(
     """
     if distill_weight and teacher is None:
         raise ValueError("distill_weight > 0 needs a teacher")
-    terms = ((1.0 - distill_weight, cross_entropy), (distill_weight, kl)) if distill_weight else ((1.0, cross_entropy),)
-    objective = Objective(logits, terms, teacher if distill_weight else None)
+    objective = Objective(logits, distilled_cross_entropy(distill_weight), teacher if distill_weight else None)
     losses = train_loop(model, BatchStream.of_split(split, config.batch_size, config.seed), objective, config,
                         hardener=hardener, recorder=recorder, desc=desc, progress=progress, checkpointer=checkpointer,
                         stats=stats, optimizer_groups=optimizer_groups)

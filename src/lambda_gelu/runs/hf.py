@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lambda_gelu.affine_fold import swap_fold_
-from lambda_gelu.batches import move_to
+from lambda_gelu.batches import model_device, move_to
 from lambda_gelu.calibrate import DEFAULT_TAU
 from lambda_gelu.convert import relufy, unreachable_gates
 from lambda_gelu.distill import make_objective
@@ -276,7 +276,7 @@ def preflight(model: nn.Module, task: str, probe: dict[str, torch.Tensor]) -> di
 
 def _runner(task: str, batch: dict[str, torch.Tensor]) -> Callable[[nn.Module], Any]:
     output = TASKS[task].output
-    return lambda m: output(m, move_to(batch, next(m.parameters()).device))
+    return lambda m: output(m, move_to(batch, model_device(m)))
 
 
 # ---------------------------------------------------------------------------------------------- methods

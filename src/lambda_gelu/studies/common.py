@@ -22,9 +22,9 @@ from torch import nn
 
 from lambda_gelu.convert import convert
 from lambda_gelu.data import Split, load_dataset
+from lambda_gelu.harden import HardenConfig
 from lambda_gelu.metrics import Evaluation, evaluate
 from lambda_gelu.models import build_model
-from lambda_gelu.pipeline import HardenConfig
 from lambda_gelu.profile import HardnessRecorder
 from lambda_gelu.train import TrainConfig, fit
 from lambda_gelu.version import __version__

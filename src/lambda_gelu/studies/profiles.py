@@ -24,8 +24,9 @@ from typing import Any
 import torch
 
 from lambda_gelu.calibrate import calibrate
+from lambda_gelu.harden import HardenConfig
 from lambda_gelu.outputs import staged_dir
-from lambda_gelu.pipeline import HardenConfig, calibration_batches
+from lambda_gelu.pipeline import calibration_batches
 from lambda_gelu.profile import hardness
 from lambda_gelu.studies.common import (
     PAIRS,
