@@ -123,9 +123,9 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     truncated = root / "truncated.safetensors"
     truncated.write_bytes(lam.read_bytes()[:-7])
     nan_lambda = _edit(lam, root / "nan_lambda.safetensors",
-                       lambda t: t.__setitem__("blocks.0.act.log_lam_minus_1", torch.tensor(float("nan"))))
+                       lambda t: t.__setitem__("blocks.0.act.log_lam", torch.tensor([float("nan")])))
     wrong_shape = _edit(lam, root / "wrong_shape.safetensors",
-                        lambda t: t.__setitem__("blocks.0.act.log_lam_minus_1", torch.zeros(4)))
+                        lambda t: t.__setitem__("blocks.0.act.log_lam", torch.zeros(4)))
     other_arch = root / "other_arch.safetensors"
     torch.manual_seed(0)
     other = build_model("mlp", in_features=64, num_classes=10, hidden=[8])

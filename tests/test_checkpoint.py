@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,9 +150,9 @@ def test_safetensors_without_our_header(tmp_path):
 @pytest.mark.parametrize(
     ("key", "value", "layer"),
     [
-        ("blocks.0.act.log_lam_minus_1", torch.tensor(float("nan")), "blocks.0.act"),
-        ("blocks.0.act.log_lam_minus_1", torch.tensor(float("inf")), "blocks.0.act"),
-        ("blocks.1.act.log_lam_minus_1", torch.tensor([0.0, float("nan"), 0.0, 0.0, 0.0]), "blocks.1.act"),
+        ("blocks.0.act.log_lam", torch.tensor([float("nan")]), "blocks.0.act"),
+        ("blocks.0.act.log_lam", torch.tensor([float("inf")]), "blocks.0.act"),
+        ("blocks.1.act.log_lam", torch.tensor([0.0, float("nan"), 0.0, 0.0, 0.0]), "blocks.1.act"),
     ],
 )
 def test_non_finite_lambda(tmp_path, key, value, layer):
@@ -161,15 +162,15 @@ def test_non_finite_lambda(tmp_path, key, value, layer):
         tensors[key] = value
 
     _edit(path, edit_tensors=edit)
-    _assert_error(path, layer)
+    _assert_error(path, layer, "non-finite")
 
 
 @pytest.mark.parametrize(
     ("key", "value"),
     [
         ("blocks.0.fc.weight", torch.zeros(7, 8)),
-        ("blocks.1.act.log_lam_minus_1", torch.zeros(())),
-        ("blocks.0.act.log_lam_minus_1", torch.zeros(3)),
+        ("blocks.1.act.log_lam", torch.zeros(())),
+        ("blocks.0.act.log_lam", torch.zeros(3)),
     ],
 )
 def test_wrong_shape(tmp_path, key, value):
@@ -210,3 +211,49 @@ def test_bad_header(tmp_path, edit_header, needle):
     path = _save(tmp_path, _lambda_model())
     _edit(path, edit_header=edit_header)
     _assert_error(path, needle)
+
+
+# ---------------------------------------------------------------- checkpoints of 0.1
+
+V01 = Path(__file__).parent / "data" / "v0.1-mlp.safetensors"
+"""Written by lambda-gelu 0.1.0 (λ stored as log(λ − 1)): a per-layer λ of 2.5 and per-channel λ
+1 (0.1's floor 1 + 1e-4), 1.5, 3, 40, 1e6, with a batch and the outputs 0.1 computed for it."""
+
+
+def test_a_checkpoint_of_0_1_loads_with_lambda_one_exact():
+    raw = load_file(str(V01))
+    assert "blocks.0.act.log_lam_minus_1" in raw and raw["blocks.0.act.log_lam_minus_1"].shape == ()
+    model, header = load_checkpoint(V01)
+    assert header["format_version"] == 1
+    assert model.blocks[0].act.log_lam.shape == (1,)
+    assert model.blocks[0].act.lam.item() == pytest.approx(2.5, rel=1e-6)
+    lam = model.blocks[1].act.lam
+    assert lam[0].item() == 1.0  # 0.1's floor is λ = 1 exactly now
+    torch.testing.assert_close(lam[1:], torch.tensor([1.5, 3.0, 40.0, 1e6]), rtol=1e-5, atol=0)
+    x, y = (torch.tensor(header["metadata"][k]) for k in ("x", "y"))
+    # 0.1 computed with λ = 1 + 1e-4 where today's is 1: within 2.94e-5 per unit of the next layer's weights
+    torch.testing.assert_close(model(x), y, atol=1e-4, rtol=0)
+
+
+def test_a_state_dict_of_0_1_loads_into_a_module():
+    old = {k: v for k, v in load_file(str(V01)).items() if k.startswith("blocks.1.act.")}
+    gate = LambdaGELU(num_channels=5)
+    gate.load_state_dict({k.removeprefix("blocks.1.act."): v for k, v in old.items()})
+    torch.testing.assert_close(gate.lam, torch.tensor([1.0, 1.5, 3.0, 40.0, 1e6]), rtol=1e-5, atol=0)
+    scalar = LambdaGELU()
+    scalar.load_state_dict({"log_lam_minus_1": torch.tensor(0.0)})  # 0-d, λ = 1 + e^0 = 2
+    assert scalar.lam.item() == pytest.approx(2.0, rel=1e-6) and scalar.log_lam.shape == (1,)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        scalar.load_state_dict({"log_lam_minus_1": torch.tensor(float("nan"))})
+    assert scalar.lam.item() == pytest.approx(2.0, rel=1e-6)  # unchanged
+
+
+def test_a_checkpoint_written_today_is_format_2_and_round_trips(tmp_path):
+    model, _ = load_checkpoint(V01)
+    path = save_checkpoint(tmp_path / "m.safetensors", model, "mlp", {"in_features": 8, "num_classes": 3,
+                                                                      "hidden": [6, 5], "activation": "lambda_gelu"})
+    assert read_header(path)["format_version"] == 2
+    assert load_file(str(path))["blocks.0.act.log_lam"].shape == (1,)
+    again, _ = load_checkpoint(path)
+    x = torch.randn(7, 8)
+    torch.testing.assert_close(again(x), model(x), atol=0, rtol=0)

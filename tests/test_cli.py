@@ -15,6 +15,7 @@ import torch
 from lambda_gelu import LambdaGELU
 from lambda_gelu.checkpoint import load_checkpoint
 from lambda_gelu.cli import main
+from lambda_gelu.version import __version__
 
 TINY_DEMO = ["--steps", "40", "--harden-steps", "20", "--hidden", "16,16", "--no-progress"]
 
@@ -185,4 +186,4 @@ def test_entry_point_is_installed() -> None:
     bindir = Path(sys.executable).parent
     exe = bindir / ("lambda-gelu.exe" if os.name == "nt" else "lambda-gelu")
     result = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout.startswith("lambda-gelu 0.1")
+    assert result.returncode == 0 and result.stdout.startswith(f"lambda-gelu {__version__}")

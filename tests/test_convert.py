@@ -331,7 +331,7 @@ def test_per_channel_conversion_with_callable():
     for name, width in widths.items():
         act = model.get_submodule(name)
         assert act.num_channels == width and act.channel_dim == -1
-        assert act.log_lam_minus_1.shape == (width,)
+        assert act.log_lam.shape == (width,)
     x = torch.randn(10, 8)
     _close(model(x), ref(x))
     # per channel λ really is per channel
@@ -492,7 +492,7 @@ def test_convert_fx_replaces_functional_gelu():
     assert _snapshot(model) == before and isinstance(model.act, nn.GELU)
     # λ of the new submodules is trainable and matters
     assert {n for n, _ in gm.named_parameters() if "log_lam" in n} == {
-        "lambda_gelu_0.log_lam_minus_1", "lambda_gelu_1.log_lam_minus_1", "act.log_lam_minus_1"}
+        "lambda_gelu_0.log_lam", "lambda_gelu_1.log_lam", "act.log_lam"}
     gm.get_submodule("lambda_gelu_1").set_lambda_(1e4)
     assert not torch.allclose(gm(x), model(x), atol=1e-4)
 

@@ -18,7 +18,7 @@ def _random_lambdas(model: nn.Module, high: float = 6.0) -> None:
     """Give every gate distinct λ values in [1, 1 + high] (per channel where it has channels)."""
     for module in model.modules():
         if isinstance(module, LambdaGELU):
-            module.set_lambda_(1.0 + torch.rand(module.log_lam_minus_1.shape) * high)
+            module.set_lambda_(1.0 + torch.rand(module.log_lam.shape) * high)
 
 
 def _fold_and_compare(model: nn.Module, x: torch.Tensor, atol: float = 1e-5):

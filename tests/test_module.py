@@ -16,39 +16,53 @@ from lambda_gelu.ops import lambda_gelu
 
 
 def test_raw_key_and_bounds():
-    assert RAW_KEY == "log_lam_minus_1"
-    assert RAW_MIN == pytest.approx(math.log(1e-4))
-    assert RAW_MAX == pytest.approx(math.log(1e6 - 1))
+    assert RAW_KEY == "log_lam"
+    assert RAW_MIN == 0.0
+    assert RAW_MAX == pytest.approx(math.log(1e6))
 
 
-@pytest.mark.parametrize("raw", [-1e4, -100.0, -20.0, float("-inf"), RAW_MIN, 0.0, 5.0, RAW_MAX, 50.0, 1e4])
+@pytest.mark.parametrize("raw", [-1e4, -100.0, -20.0, float("-inf"), -1e-7, RAW_MIN, 1e-7, 5.0, RAW_MAX, 50.0, 1e4])
 def test_lambda_at_least_one_and_at_most_max(raw):
     m = LambdaGELU()
     with torch.no_grad():
-        m.log_lam_minus_1.fill_(raw)
+        m.log_lam.fill_(raw)
     lam = m.lam.item()
     assert 1.0 <= lam <= LAMBDA_MAX * (1 + 1e-6)
-    # λ = 1 + exp(ρ) below the clamp
-    if raw <= RAW_MAX:
-        assert lam == pytest.approx(1.0 + math.exp(raw), rel=1e-6)
+    # λ = exp(clamp(ρ, 0, log 1e6))
+    assert lam == pytest.approx(math.exp(min(max(raw, 0.0), RAW_MAX)), rel=1e-6)
     y = m(torch.randn(50) * 3)
     assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("raw", [-3.0, 0.0, 2.0, RAW_MAX + 1.0])
+def test_gradient_passes_through_the_clamp(raw):
+    """dλ/dρ = λ at the bounds' value too, so a gate pushed below 1 still feels the pull back."""
+    m = LambdaGELU()
+    with torch.no_grad():
+        m.log_lam.fill_(raw)
+    x = torch.randn(200, dtype=torch.float64)
+    m(x).sum().backward()
+    lam = m.lam.double()
+    dfdlam = (x**2 * torch.exp(-0.5 * (lam * x) ** 2) / math.sqrt(2 * math.pi)).sum()
+    assert m.log_lam.grad.item() == pytest.approx(float(dfdlam * lam), rel=1e-5)
 
 
 def test_lambda_at_least_one_per_channel_after_training_pushes_down():
     m = LambdaGELU(init=[1.0, 2.0, 5.0], num_channels=3)
     with torch.no_grad():
-        m.log_lam_minus_1.copy_(torch.tensor([-1e3, -50.0, -1e30]))
+        m.log_lam.copy_(torch.tensor([-1e3, -50.0, -1e30]))
     assert (m.lam >= 1.0).all()
 
 
 def test_init_one_is_gelu():
     m = LambdaGELU()
     x = torch.linspace(-8, 8, 4001)
-    assert (m(x) - F.gelu(x)).abs().max().item() <= 3e-5
-    assert m.lam.item() == pytest.approx(1.0 + 1e-4, rel=1e-6)
+    assert m.log_lam.item() == 0.0 and m.lam.item() == 1.0  # λ = 1 exactly
+    x64 = x.double()
+    torch.testing.assert_close(m(x64), F.gelu(x64), atol=1e-15, rtol=0)
+    assert (m(x) - F.gelu(x)).abs().max().item() <= 1e-6
     mt = LambdaGELU(approximate="tanh")
-    assert (mt(x) - F.gelu(x, approximate="tanh")).abs().max().item() <= 3e-5
+    torch.testing.assert_close(mt(x64), F.gelu(x64, approximate="tanh"), atol=1e-15, rtol=0)
 
 
 @pytest.mark.parametrize("bad", [0.5, 0.999, 0.0, -2.5, float("nan"), float("inf"), float("-inf")])
@@ -86,8 +100,7 @@ def test_set_lambda_round_trip(value):
     m = LambdaGELU()
     out = m.set_lambda_(value)
     assert out is m
-    want = max(value, 1.0 + 1e-4)  # [1, 1 + 1e-4) is stored as 1 + 1e-4
-    assert m.lam.item() == pytest.approx(want, rel=2e-6)
+    assert m.lam.item() == pytest.approx(value, rel=2e-6)
     # the raw value round-trips through the state dict
     m2 = LambdaGELU()
     m2.load_state_dict(m.state_dict())
@@ -97,7 +110,7 @@ def test_set_lambda_round_trip(value):
 def test_set_lambda_per_channel_and_validation():
     m = LambdaGELU(num_channels=4)
     m.set_lambda_([1.0, 2.0, 30.0, 4000.0])
-    torch.testing.assert_close(m.lam, torch.tensor([1.0001, 2.0, 30.0, 4000.0]), rtol=2e-6, atol=0)
+    torch.testing.assert_close(m.lam, torch.tensor([1.0, 2.0, 30.0, 4000.0]), rtol=2e-6, atol=0)
     m.set_lambda_(7.0)  # one value for all channels
     torch.testing.assert_close(m.lam, torch.full((4,), 7.0), rtol=2e-6, atol=0)
     m.set_lambda_(torch.tensor([2.0, 3.0, 4.0, 5.0], dtype=torch.float64))
@@ -116,8 +129,8 @@ def test_gradient_reaches_raw_parameter():
     lam = m.lam.double()
     z = lam * x.double()
     dfdlam = (x.double() ** 2 * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)).sum()
-    # ∂L/∂ρ = ∂L/∂λ · (λ − 1)
-    assert m.log_lam_minus_1.grad.item() == pytest.approx(float(dfdlam * (lam - 1)), rel=1e-4)
+    # ∂L/∂ρ = ∂L/∂λ · λ
+    assert m.log_lam.grad.item() == pytest.approx(float(dfdlam * lam), rel=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -137,7 +150,7 @@ def test_per_channel_forward(shape, channel_dim):
     for i in range(c):
         torch.testing.assert_close(m(x).select(channel_dim, i), lambda_gelu(x.select(channel_dim, i), m.lam[i]))
     m(x).sum().backward()
-    assert m.log_lam_minus_1.grad.shape == (c,)
+    assert m.log_lam.grad.shape == (c,)
 
 
 def test_learnable_false_is_a_buffer():
@@ -180,7 +193,7 @@ def test_extra_repr(kwargs, contains, absent):
 def test_state_dict_keys_in_a_model():
     model = MLP(8, 3, hidden=(6, 5), activation="lambda_gelu")
     keys = [k for k in model.state_dict() if "act" in k]
-    assert keys == ["blocks.0.act.log_lam_minus_1", "blocks.1.act.log_lam_minus_1"]
+    assert keys == ["blocks.0.act.log_lam", "blocks.1.act.log_lam"]
     frozen = MLP(8, 3, hidden=(6, 5), activation="relu")
     frozen.blocks[0].act = LambdaGELU(learnable=False)
     frozen.blocks[1].act = LambdaGELU(learnable=False)
@@ -192,7 +205,7 @@ def test_load_non_finite_raw_raises_naming_layer(bad):
     model = MLP(8, 3, hidden=(6, 5), activation="lambda_gelu")
     model.blocks[0].act.set_lambda_(2.0)
     sd = model.state_dict()
-    sd["blocks.0.act.log_lam_minus_1"] = torch.tensor(bad)
+    sd["blocks.0.act.log_lam"] = torch.tensor(bad)
     target = MLP(8, 3, hidden=(6, 5), activation="lambda_gelu")
     before = target.blocks[0].act.lam
     with pytest.raises(RuntimeError, match=r"blocks\.0\.act"):
@@ -204,7 +217,7 @@ def test_load_non_finite_raw_raises_naming_layer(bad):
 def test_load_wrong_shape_raises_naming_layer():
     model = MLP(8, 3, hidden=(6, 5), activation="lambda_gelu")
     sd = model.state_dict()
-    sd["blocks.1.act.log_lam_minus_1"] = torch.zeros(5)
+    sd["blocks.1.act.log_lam"] = torch.zeros(5)
     with pytest.raises(RuntimeError, match=r"blocks\.1\.act"):
         model.load_state_dict(sd)
     per_channel = LambdaGELU(num_channels=3)
@@ -227,7 +240,7 @@ def test_huge_lambda_forward_is_finite_and_relu_like(approximate):
     assert torch.isfinite(y).all()
     assert (y - torch.relu(x)).abs().max().item() <= 0.17e-6 + 1e-5
     y.sum().backward()
-    assert torch.isfinite(x.grad).all() and torch.isfinite(m.log_lam_minus_1.grad).all()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(m.log_lam.grad).all()
     # bf16 input too
     yb = m(x.detach().bfloat16())
     assert yb.dtype == torch.bfloat16 and torch.isfinite(yb).all()

@@ -39,10 +39,10 @@ def test_hardness_order_and_values():
     assert one.lam == pytest.approx(3.0, rel=1e-6) and one.lam_min == one.lam_max == one.lam
     assert one.lam_std == 0.0 and one.num_channels is None
     assert (gelu.lam, gelu.lam_min, gelu.lam_max, gelu.lam_std) == (1.0, 1.0, 1.0, 0.0)
-    lams = torch.tensor([1.0001, 2.0, 4.0, 8.0], dtype=torch.float64)
+    lams = torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=torch.float64)
     assert per.num_channels == 4
     assert per.lam == pytest.approx(lams.mean().item(), rel=1e-6)
-    assert per.lam_min == pytest.approx(1.0001, rel=1e-6) and per.lam_max == pytest.approx(8.0, rel=1e-6)
+    assert per.lam_min == pytest.approx(1.0, rel=1e-6) and per.lam_max == pytest.approx(8.0, rel=1e-6)
     assert per.lam_std == pytest.approx(lams.std().item(), rel=1e-5)
     assert all(r.sigma is None and r.effective is None for r in rows)
     assert set(one.to_dict()) == {"name", "lam", "lam_min", "lam_max", "lam_std", "num_channels", "sigma", "effective"}
@@ -91,10 +91,10 @@ def test_recorder_every_n_and_files(tmp_path):
     by_layer = recorder.trajectories()
     assert list(by_layer) == ["1", "3", "5"]
     assert by_layer["1"][0] == [0, 3, 6, 9, 10]
-    assert by_layer["1"][1] == pytest.approx([1.0001, 4.0, 7.0, 10.0, 11.0], rel=1e-5)
+    assert by_layer["1"][1] == pytest.approx([1.0, 4.0, 7.0, 10.0, 11.0], rel=1e-5)
     assert by_layer["3"][1] == [1.0] * 5
     row5 = next(r for r in recorder.rows if r["layer"] == "5")
-    assert row5["lam_min"] == pytest.approx(1.0001, rel=1e-6) and row5["lam_max"] == pytest.approx(8.0, rel=1e-6)
+    assert row5["lam_min"] == pytest.approx(1.0, rel=1e-6) and row5["lam_max"] == pytest.approx(8.0, rel=1e-6)
 
     csv_path, json_path = tmp_path / "lam.csv", tmp_path / "lam.json"
     recorder.to_csv(csv_path)

@@ -305,7 +305,7 @@ def test_truncated_state_is_refused_with_the_file_named(a_state, keep, record_pr
 
 def test_flipped_byte_is_refused_naming_the_layer(a_state, record_property):
     data = bytearray(a_state.read_bytes())
-    data[_tensor_offset(a_state, "s/model/blocks.1.act.log_lam_minus_1")] ^= 0x40
+    data[_tensor_offset(a_state, "s/model/blocks.1.act.log_lam")] ^= 0x40
     a_state.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="corrupted") as info:
         Checkpointer(a_state.parent, resume=True)
@@ -316,10 +316,10 @@ def test_flipped_byte_is_refused_naming_the_layer(a_state, record_property):
 @pytest.mark.parametrize(
     ("edit", "needles"),
     [
-        (lambda b: b["model"].__setitem__("blocks.0.act.log_lam_minus_1", torch.tensor(float("nan"))),
+        (lambda b: b["model"].__setitem__("blocks.0.act.log_lam", torch.tensor([float("nan")])),
          ["blocks.0.act", "non-finite"]),
-        (lambda b: b["model"].__setitem__("blocks.0.act.log_lam_minus_1", torch.zeros(3)),
-         ["blocks.0.act.log_lam_minus_1", "shape"]),
+        (lambda b: b["model"].__setitem__("blocks.0.act.log_lam", torch.zeros(3)),
+         ["blocks.0.act.log_lam", "shape"]),
         (lambda b: b["model"].__setitem__("blocks.0.fc.weight", torch.full((16, 64), float("inf"))),
          ["blocks.0.fc.weight", "non-finite"]),
         (lambda b: b["model"].pop("head.bias"), ["head.bias", "missing"]),

@@ -14,7 +14,7 @@ from lambda_gelu.cli import main
 from lambda_gelu.studies import PAIRS, StudyContext, run_study
 from lambda_gelu.studies.common import ACCURACY, BPC, fmt_pm, trained
 from lambda_gelu.studies.dynamics import VARIANTS, LambdaProbe, NaiveLambdaGELU, attenuation, sign_change_share
-from lambda_gelu.studies.profiles import spearman
+from lambda_gelu.studies.profiles import robustness, spearman
 from lambda_gelu.studies.relufy import METHODS
 
 
@@ -120,6 +120,18 @@ def test_spearman():
     assert math.isnan(spearman([1.00010001, 1.0001, 1.00010002], [1.0, 2.0, 3.0]))  # float noise ties
     with pytest.raises(ValueError):
         spearman([1.0], [1.0, 2.0])
+
+
+def test_agreement_across_initial_values():
+    """mean |Δ log λ| per pair of λ0, over seeds and layers, against a hand computation."""
+    profiles = {(0, 1.0): [1.0, 2.0], (0, 2.0): [2.0, 2.0], (1, 1.0): [1.0, 4.0], (1, 2.0): [1.0, 1.0]}
+    rows = [{"seed": seed, "lam0": lam0, "index": i, "layer": f"l{i}", "lam": lam, "effective": lam, "metric": 0.5}
+            for (seed, lam0), lams in profiles.items() for i, lam in enumerate(lams)]
+    got = robustness(rows, (0, 1), (1.0, 2.0))["init_pairs"]
+    assert list(got) == ["1-2"]
+    want = (math.log(2.0) + 0.0 + 0.0 + math.log(4.0)) / 4
+    assert got["1-2"]["mean_abs_dlog_lam"] == pytest.approx(want, rel=1e-12)
+    assert math.isnan(got["1-2"]["spearman"])  # (2, 2) and (1, 1) are flat: undefined for both seeds
 
 
 def test_metrics_measure_damage_in_their_units():

@@ -25,9 +25,11 @@ from lambda_gelu.convert import replace_modules
 from lambda_gelu.gates import lambda_layers
 from lambda_gelu.gelu_types import gelu_approximation
 from lambda_gelu.models import build_model
-from lambda_gelu.module import RAW_KEY, RAW_MAX, LambdaGELU
+from lambda_gelu.module import RAW_KEY, LambdaGELU, lambda_state_problem, upgrade_lambda_state
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: λ stored as log λ (key ``log_lam``, one layer's λ of shape (1,)). 1 (lambda-gelu 0.1): log(λ − 1), converted on load."""
+READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "lambda_gelu"
 
 
@@ -151,7 +153,7 @@ def read_header(path: str | Path) -> dict[str, Any]:
         raise
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{path}: not a lambda-gelu checkpoint ({type(error).__name__})") from None
-    if header.get("format_version") != FORMAT_VERSION:
+    if header.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{path}: unsupported checkpoint format {header.get('format_version')!r}")
     return header
 
@@ -169,6 +171,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path}: unreadable weights ({error})") from None
+    tensors = upgrade_lambda_state(tensors)  # format 1's log(λ − 1) → log λ
     try:
         model = build_model(header["model"], **header["model_kwargs"])
         apply_layout(model, header["layout"])
@@ -185,8 +188,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 def check_weights(path: str | Path, model: nn.Module, tensors: dict[str, torch.Tensor], finite: bool = False) -> None:
     """Raise CheckpointError (naming ``path`` and the tensor) unless ``tensors`` fit ``model`` exactly.
 
-    Checks: no missing or unexpected tensor, every shape, every λ finite and in
-    [1, 1e6] (λ = 1 + exp(ρ) is below 1 for no finite ρ), and with ``finite``
+    Checks: no missing or unexpected tensor, every shape, every λ finite and at
+    most 1e6 (λ = exp(clamp(ρ, 0, ·)) is below 1 for no ρ), and with ``finite``
     every floating-point tensor finite. Nothing is loaded.
     """
     expected = model.state_dict()
@@ -203,8 +206,8 @@ def check_weights(path: str | Path, model: nn.Module, tensors: dict[str, torch.T
             )
     for name in lambda_layers(model):
         raw = tensors[f"{name}.{RAW_KEY}" if name else RAW_KEY]
-        if not raw.is_floating_point() or not bool(torch.isfinite(raw).all()) or bool((raw > RAW_MAX).any()):
-            raise CheckpointError(f"{path}: layer {name or '<root>'}: λ would be non-finite (or above 1e6)")
+        if (problem := lambda_state_problem(raw, tuple(raw.shape))) is not None:
+            raise CheckpointError(f"{path}: layer {name or '<root>'}: {problem}")
     if finite:
         for key, value in tensors.items():
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):

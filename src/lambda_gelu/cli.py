@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=_positive_int, default=3000)
     train.add_argument("--lr", type=_positive_float, default=3e-3)
     train.add_argument("--weight-decay", type=float, default=0.1)
-    train.add_argument("--hardness-lr", type=float, default=None, help="step size in log(λ − 1) (default 0.02)")
+    train.add_argument("--hardness-lr", type=float, default=None, help="step size in log λ (default 0.02)")
     train.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     train.add_argument("--batch-size", type=_positive_int, default=64)
     train.add_argument("--seed", type=int, default=0)

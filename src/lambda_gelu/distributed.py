@@ -22,6 +22,7 @@ The scheme (used by :func:`lambda_gelu.train.fit`):
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import torch
@@ -65,6 +66,41 @@ def init_from_env() -> bool:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
     return is_active()
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """True for a DTensor (a parameter sharded by FSDP2's ``fully_shard``).
+
+    Looks the class up only if ``torch.distributed.tensor`` was imported (by
+    whoever sharded the model), so that this check costs no import.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(module, "DTensor", None)
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of ``tensor`` as a plain tensor: itself, or a sharded one gathered from every rank.
+
+    For a sharded tensor this is a collective: every rank must call it.
+    """
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+@torch.no_grad()
+def write_full_(tensor: torch.Tensor, value: torch.Tensor) -> None:
+    """Write the whole ``value`` (a plain tensor of ``tensor``'s full shape) into ``tensor``, in place.
+
+    A sharded ``tensor`` takes this rank's shard of ``value`` without any
+    communication (``src_data_rank=None``): every rank must pass the same
+    value, as they do when it comes from a deterministic schedule.
+    """
+    if is_sharded(tensor):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(tensor.device, tensor.dtype), tensor.device_mesh, tensor.placements,
+                                  src_data_rank=None)
+    tensor.copy_(value)
 
 
 def shutdown() -> None:

@@ -8,19 +8,25 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lambda_gelu import distributed
 from lambda_gelu.ops import APPROXIMATIONS, Approximate, channel_view, lambda_gelu
 
-RAW_KEY = "log_lam_minus_1"
-"""State-dict key (under the layer's prefix) of the raw parameter ρ = log(λ − 1)."""
+RAW_KEY = "log_lam"
+"""State-dict key (under the layer's prefix) of the raw parameter ρ = log λ."""
 
-LAMBDA_FLOOR_EXCESS = 1e-4
-"""λ = 1 is stored as λ = 1 + 1e-4: |f(x; 1 + 1e-4) − GELU(x)| <= 2.94e-5 for all x."""
+LEGACY_RAW_KEY = "log_lam_minus_1"
+"""The key of lambda-gelu 0.1, which stored ρ = log(λ − 1); converted on load (:func:`upgrade_lambda_state`)."""
+
+LEGACY_FLOOR_EXCESS = 1e-4
+"""0.1 stored λ = 1 as 1 + 1e-4; such values load as λ = 1 exactly."""
 
 LAMBDA_MAX = 1e6
 """Largest λ the module produces; the op's numerics are guaranteed up to here."""
 
-RAW_MIN = math.log(LAMBDA_FLOOR_EXCESS)
-RAW_MAX = math.log(LAMBDA_MAX - 1.0)
+RAW_MIN = 0.0
+RAW_MAX = math.log(LAMBDA_MAX)
+RAW_MAX_STORED = float(torch.tensor(RAW_MAX, dtype=torch.float32))
+"""RAW_MAX as float32 stores it (a little above RAW_MAX); larger stored values are refused on load."""
 
 
 def _check_lambda_values(values: torch.Tensor, what: str) -> None:
@@ -34,34 +40,84 @@ def _check_lambda_values(values: torch.Tensor, what: str) -> None:
 
 
 def lambda_to_raw(lam: torch.Tensor) -> torch.Tensor:
-    """ρ = log(max(λ − 1, LAMBDA_FLOOR_EXCESS)), the inverse of λ = 1 + exp(ρ) above the floor."""
-    return torch.log((lam.double() - 1.0).clamp(min=LAMBDA_FLOOR_EXCESS)).float()
+    """ρ = log λ in float32 (λ = 1 is stored as ρ = 0 exactly)."""
+    return torch.log(lam.double()).float()
+
+
+def raw_to_lambda(raw: torch.Tensor) -> torch.Tensor:
+    """λ = exp(clamp(ρ, 0, log 1e6)) with dλ/dρ = λ for every ρ (straight-through at the bounds).
+
+    Inside the bounds this is λ = exp ρ, dλ/dρ = λ. Outside them (only where
+    an optimizer other than :func:`lambda_gelu.param_groups`'s moved ρ) λ is
+    the bound's value and the gradient is the bound's, so a gate pushed below
+    λ = 1 still feels the pull back.
+    """
+    return torch.exp(_ClampStraightThrough.apply(raw))
+
+
+class _ClampStraightThrough(torch.autograd.Function):
+    """clamp(ρ, 0, log 1e6) forward; the identity backward (∂clamp/∂ρ taken as 1 everywhere)."""
+
+    @staticmethod
+    def forward(raw: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return raw.clamp(RAW_MIN, RAW_MAX)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
+def upgrade_lambda_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with every 0.1 hardness entry converted to today's (a new dict; others unchanged).
+
+    0.1 stored ρ₀ = log(λ − 1) under ``…log_lam_minus_1``, with one layer's λ as
+    a 0-d tensor and λ = 1 as 1 + 1e-4. Today's entry is ``…log_lam`` = log λ,
+    with one layer's λ of shape (1,). Values at 0.1's floor become λ = 1
+    exactly; non-finite values stay non-finite, for the load's checks to name.
+    """
+    upgraded: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.rsplit(".", 1)[-1] != LEGACY_RAW_KEY or not isinstance(value, torch.Tensor):
+            upgraded[key] = value
+            continue
+        old = value.double()
+        lam = 1.0 + torch.exp(old)
+        lam = torch.where(old <= math.log(LEGACY_FLOOR_EXCESS) + 1e-6, 1.0, lam)
+        new = lambda_to_raw(lam).to(value.dtype if value.is_floating_point() else torch.float32)
+        upgraded[key[: -len(LEGACY_RAW_KEY)] + RAW_KEY] = new.reshape(1) if new.ndim == 0 else new
+    return upgraded
 
 
 class LambdaGELU(nn.Module):
     """f(x; λ) = x·Φ(λx) with hardness λ >= 1: GELU at λ = 1, ReLU as λ → ∞.
 
-    **Reparameterization.** λ = 1 + exp(ρ) with ρ an unconstrained raw parameter
-    (state-dict key ``log_lam_minus_1``). Why this map:
+    **Reparameterization.** λ = exp ρ with ρ = log λ the stored parameter
+    (state-dict key ``log_lam``), kept in [0, log 1e6] by a projection after
+    every optimizer step (:mod:`lambda_gelu.optim`). Why this map:
 
-    * λ >= 1 holds for every ρ, with no clamp that would zero the gradient.
-    * For large λ, ρ ≈ log λ: the natural coordinate of a scale parameter
-      (f(x; λ) = GELU(λx)/λ and only λ·σ matters for inputs of spread σ). A
-      step of size η in ρ changes λ by a factor of about e^η whatever λ is, so
-      λ can travel from 2 to 1000 in a number of steps that grows only with
-      log(1000/2), whereas steps taken in λ itself would shrink as ∂f/∂λ ~ λ⁻³.
-    * Near λ = 1, dλ/dρ = λ − 1 → 0: the boundary is a smooth barrier, so a
-      layer that prefers soft gates settles at λ ≈ 1 instead of bouncing off a
-      clamp (a softplus on λ − 1 would do the same near 1 but is linear, not
-      logarithmic, for large λ).
-    * λ = 1 is stored as 1 + 1e-4 (ρ = log 1e-4): that layer differs from GELU
-      by at most 2.94e-5 (max over x of x²φ(x) = 2φ(√2) = 0.2935, times 1e-4),
-      a sixteenth of the 4.7e-4 gap between GELU and its tanh approximation,
-      while leaving λ's gradient alive
-      (dλ/dρ = 1e-4, which :func:`lambda_gelu.param_groups` normalizes away).
+    * λ = 1 is exact: ρ = 0, and a layer at λ = 1 is GELU to the last bit.
+    * No attenuation at the floor: dλ/dρ = λ >= 1, so ∂L/∂ρ = λ·∂L/∂λ is never
+      smaller than ∂L/∂λ, and a step of size η in ρ changes λ by a factor
+      e^η wherever λ is, 1 included. (0.1's λ = 1 + exp ρ' had dλ/dρ' = λ − 1,
+      which is 1e-4 at its floor λ = 1 + 1e-4: about 460 normalized steps
+      before λ could move by 1.)
+    * ρ = log λ is the natural coordinate of a scale parameter
+      (f(x; λ) = GELU(λx)/λ and only λ·σ matters for inputs of spread σ):
+      λ travels from 2 to 1000 in a number of steps that grows only with
+      log(1000/2), whereas steps taken in λ itself shrink as ∂f/∂λ ~ λ⁻³.
+    * λ >= 1 for every stored value: the forward pass reads
+      exp(clamp(ρ, 0, log 1e6)) with the gradient passed straight through the
+      clamp (:func:`raw_to_lambda`), so a ρ that another optimizer pushed
+      below 0 is λ = 1, not softer than GELU, and still feels the pull back.
 
-    The raw ρ is clamped to at most log(1e6 − 1) in the forward pass so that λ
-    never overflows.
+    One layer's λ is stored with shape (1,), not as a 0-d scalar (FSDP2's
+    ``fully_shard`` refuses 0-d parameters); :attr:`lam` returns it as 0-d.
+    State dicts and checkpoints of 0.1 (key ``log_lam_minus_1``) are converted
+    on load (:func:`upgrade_lambda_state`).
 
     Args:
         init: initial λ (>= 1), a float, or for a per-channel layer a sequence or
@@ -85,19 +141,18 @@ class LambdaGELU(nn.Module):
         super().__init__()
         if approximate not in APPROXIMATIONS:
             raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
-        if num_channels is not None and (not isinstance(num_channels, int) or num_channels < 1):
+        if num_channels is not None and (
+            isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1
+        ):
             raise ValueError(f"num_channels must be a positive int or None, got {num_channels!r}")
         init_values = torch.as_tensor(init, dtype=torch.float64).flatten()
-        shape = () if num_channels is None else (num_channels,)
-        if init_values.numel() not in (1, math.prod(shape)):
-            raise ValueError(
-                f"init must hold 1 or {math.prod(shape)} values, got {init_values.numel()}"
-            )
+        shape = (1,) if num_channels is None else (num_channels,)
+        if init_values.numel() not in (1, shape[0]):
+            raise ValueError(f"init must hold 1 or {shape[0]} values, got {init_values.numel()}")
         _check_lambda_values(init_values, "LambdaGELU init")
-        raw = lambda_to_raw(init_values).reshape(-1)[0].expand(shape).clone() if init_values.numel() == 1 \
-            else lambda_to_raw(init_values).reshape(shape)
+        raw = lambda_to_raw(init_values).expand(shape).clone()
         if learnable:
-            self.log_lam_minus_1 = nn.Parameter(raw)
+            self.log_lam = nn.Parameter(raw)
         else:
             self.register_buffer(RAW_KEY, raw)
         self.num_channels = num_channels
@@ -107,27 +162,31 @@ class LambdaGELU(nn.Module):
     @property
     def learnable(self) -> bool:
         """Whether λ is a trainable parameter (as opposed to a fixed buffer)."""
-        return isinstance(self.log_lam_minus_1, nn.Parameter)
+        return isinstance(self.log_lam, nn.Parameter)
 
-    def _lam(self) -> torch.Tensor:
-        # λ = 1 + exp(ρ);  dλ/dρ = exp(ρ) = λ − 1
-        return 1.0 + torch.exp(self.log_lam_minus_1.clamp(max=RAW_MAX))
+    def _lam(self, raw: torch.Tensor | None = None) -> torch.Tensor:
+        # λ = exp ρ;  dλ/dρ = λ
+        lam = raw_to_lambda(self.log_lam if raw is None else raw)
+        return lam.reshape(()) if self.num_channels is None else lam
 
     @property
     def lam(self) -> torch.Tensor:
-        """The current hardness λ (a detached copy; shape ``()`` or ``(num_channels,)``)."""
+        """The current hardness λ (a detached plain copy; shape ``()`` or ``(num_channels,)``).
+
+        Under FSDP2 (λ sharded across ranks) this gathers it: every rank must read it.
+        """
         with torch.no_grad():
-            return self._lam().detach().clone()
+            return self._lam(distributed.full_value(self.log_lam.detach())).clone()
 
     @torch.no_grad()
     def set_lambda_(self, value: float | Sequence[float] | torch.Tensor) -> LambdaGELU:
-        """Set λ in place (a scalar, or one value per channel); values in [1, 1+1e-4) are stored as 1+1e-4."""
+        """Set λ in place (a scalar, or one value per channel)."""
         values = torch.as_tensor(value, dtype=torch.float64, device="cpu").flatten()
-        raw = self.log_lam_minus_1
+        raw = self.log_lam
         if values.numel() not in (1, raw.numel()):
             raise ValueError(f"set_lambda_ expects 1 or {raw.numel()} values, got {values.numel()}")
         _check_lambda_values(values, "λ")
-        raw.copy_(lambda_to_raw(values).to(raw.device).reshape(-1 if values.numel() > 1 else []).expand(raw.shape))
+        distributed.write_full_(raw, lambda_to_raw(values).expand(raw.shape))
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,22 +213,17 @@ class LambdaGELU(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
+        legacy = prefix + LEGACY_RAW_KEY
+        if legacy in state_dict:
+            state_dict[prefix + RAW_KEY] = upgrade_lambda_state({legacy: state_dict.pop(legacy)})[prefix + RAW_KEY]
         key = prefix + RAW_KEY
         raw = state_dict.get(key)
         if isinstance(raw, torch.Tensor):
-            layer = prefix.rstrip(".") or "<root>"
-            problem = None
-            if raw.shape != self.log_lam_minus_1.shape:
-                problem = (
-                    f"λ has shape {tuple(raw.shape)} in the checkpoint, "
-                    f"{tuple(self.log_lam_minus_1.shape)} in the model"
-                )
-            elif not raw.is_floating_point() or not bool(torch.isfinite(raw).all()) or bool(
-                (raw > RAW_MAX).any()
-            ):
-                problem = "λ would be non-finite (or above 1e6)"
+            if raw.ndim == 0 and self.num_channels is None:
+                state_dict[key] = raw = raw.reshape(1)
+            problem = lambda_state_problem(raw, tuple(self.log_lam.shape))
             if problem is not None:
-                error_msgs.append(f"layer {layer}: {problem}; not loaded")
+                error_msgs.append(f"layer {prefix.rstrip('.') or '<root>'}: {problem}; not loaded")
                 state_dict = {k: v for k, v in state_dict.items() if k != key}
                 missing_before = len(missing_keys)
                 super()._load_from_state_dict(
@@ -180,3 +234,16 @@ class LambdaGELU(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+def lambda_state_problem(raw: torch.Tensor, shape: tuple[int, ...]) -> str | None:
+    """Why ``raw`` cannot be a layer's stored ρ = log λ of ``shape``, or None if it can.
+
+    A ρ below 0 is accepted: it reads as λ = 1 (:func:`raw_to_lambda`), and an
+    optimizer outside :func:`lambda_gelu.param_groups` may leave one there.
+    """
+    if tuple(raw.shape) != shape:
+        return f"λ has shape {tuple(raw.shape)} in the checkpoint, {shape} in the model"
+    if not raw.is_floating_point() or not bool(torch.isfinite(raw).all()) or bool((raw > RAW_MAX_STORED).any()):
+        return "λ would be non-finite (or above 1e6)"
+    return None

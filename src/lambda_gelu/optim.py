@@ -2,12 +2,12 @@
 
 The scheme (argued in docs/method.md):
 
-1. The hardness parameters ρ = log(λ − 1) get a group of their own: no weight
+1. The hardness parameters ρ = log λ get a group of their own: no weight
    decay, their own learning rate ``hardness_lr``.
 2. Before every step of an optimizer that holds such a group, each ρ's gradient
    is divided by its own running RMS (an EMA of g², β = 0.9, bias-corrected). ∂L/∂ρ
-   spans many orders of magnitude (it scales like λ⁻², like 1/σ for inputs of
-   spread σ, and like λ − 1 near λ = 1); after this it is a unit-scale signal,
+   spans many orders of magnitude (it scales like λ⁻² and like 1/σ for inputs
+   of spread σ); after this it is a unit-scale signal,
    so neither SGD (whose step is proportional to the gradient) nor Adam (whose
    ``eps`` swamps gradients below ~1e-8) lets λ's steps vanish as λ grows.
 3. The host optimizer's family is detected at the step: under SGD with
@@ -16,9 +16,10 @@ The scheme (argued in docs/method.md):
    does under Adam/AdamW. Either way a consistent signal moves ρ by 0.6 to 1
    times ``hardness_lr`` per step, however large λ already is, and a noisy one
    is averaged by the optimizer's momentum instead of amplified.
-4. After every step ρ is projected into [log 1e-4, log(1e6 − 1)], so a layer
-   that keeps asking for softer gates rests at λ = 1 + 1e-4 instead of
-   drifting toward ρ = −∞, from where it could never come back.
+4. After every step ρ is projected into [0, log 1e6]: a layer that keeps
+   asking for softer gates rests at λ = 1 exactly (GELU), and leaves it at
+   the full step size as soon as its gradient asks for harder gates
+   (dλ/dρ = λ = 1 there, no attenuation).
 
 Steps 2-4 run in global optimizer step hooks that act only on groups built by
 :func:`param_groups` (marked ``group["lambda_gelu"] == "hardness"``); every other
@@ -99,8 +100,8 @@ def param_groups(
 
         opt = torch.optim.AdamW(param_groups(model, lr=1e-3, weight_decay=0.05))
 
-    ``hardness_lr`` is the size of a step in log(λ − 1): 0.02 lets a consistent
-    signal change λ − 1 by up to 2% per step, under SGD and Adam alike.
+    ``hardness_lr`` is the size of a step in log λ: 0.02 lets a consistent
+    signal change λ by up to 2% per step, under SGD and Adam alike.
 
     ``rms_beta`` is the memory of the running RMS. While λ keeps hardening,
     |∂L/∂ρ| shrinks by about e^(−2·step) per step, and an RMS that remembers
@@ -188,7 +189,7 @@ def normalize_hardness_grads(optimizer: torch.optim.Optimizer) -> None:
 
 @torch.no_grad()
 def project_hardness(optimizer: torch.optim.Optimizer) -> None:
-    """Clamp every hardness parameter into [log 1e-4, log(1e6 − 1)] (scheme step 4)."""
+    """Clamp every hardness parameter into [0, log 1e6], i.e. λ into [1, 1e6] (scheme step 4)."""
     for group in _hardness_groups(optimizer):
         for p in group["params"]:
             p.clamp_(min=RAW_MIN, max=RAW_MAX)

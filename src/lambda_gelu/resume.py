@@ -45,7 +45,7 @@ from safetensors.torch import load_file
 from lambda_gelu import distributed
 from lambda_gelu.checkpoint import CheckpointError, write_safetensors
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: λ stored as log λ (0.1 wrote 1, with log(λ − 1))
 STATE_KEY = "lambda_gelu_state"
 _NAME = re.compile(r"^state-(\d{8,})\.safetensors$")
 
@@ -233,6 +233,11 @@ def load_state(path: str | Path) -> RunState:
         header = json.loads(raw)
     except ValueError:
         raise CheckpointError(f"{path}: the run state's header is not valid JSON") from None
+    if header.get("format") == 1:
+        raise CheckpointError(
+            f"{path}: a run state of lambda-gelu 0.1, whose optimizer state is for 0.1's storage of λ; "
+            "start the run again (its checkpoints still load)"
+        )
     if header.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path}: unsupported run-state format {header.get('format')!r}")
     digests = header.get("digests", {})

@@ -111,7 +111,7 @@ class Hardener:
         self.retarget = retarget
         self.retarget_every = retarget_every
         for module in self.layers.values():
-            module.log_lam_minus_1.requires_grad_(False)
+            module.log_lam.requires_grad_(False)
 
     def lambdas(self, step: int) -> dict[str, torch.Tensor]:
         """The λ of every hardened layer at ``step`` (clamped to [0, total_steps]; changes nothing)."""

@@ -8,13 +8,14 @@ and data order:
 * **naive λ**: λ itself is an ``nn.Parameter`` (f = x·Φ(λx), nothing keeps
   λ >= 1), trained at the weights' learning rate, without or with the
   optimizer's weight decay on λ;
-* **constrained**: :class:`~lambda_gelu.LambdaGELU` (λ = 1 + exp ρ) with ρ in
+* **constrained**: :class:`~lambda_gelu.LambdaGELU` (λ = exp ρ, read through
+  a clamp at λ = 1) with ρ in
   a plain optimizer group (the biases' group: the weights' learning rate, no
   decay, no normalization);
 * **scheme**: :func:`lambda_gelu.param_groups` (own group, ``hardness_lr``
   0.02, normalized optimizer-aware update, projection).
 
-Measured per run and layer, every step: λ and ∂L/∂λ (for ρ, ∂L/∂ρ / (λ − 1)).
+Measured per run and layer, every step: λ and ∂L/∂λ (for ρ, ∂L/∂ρ / λ).
 Reported: the share of steps with λ < 1 and the smallest λ seen; oscillation
 as the share of sign changes of Δλ over the second half of training;
 attenuation as the median |∂L/∂λ| over the last 10% of steps divided by that
@@ -113,7 +114,7 @@ class LambdaProbe:
 
     ∂L/∂λ is captured by a hook on the gate's raw parameter during the
     backward pass: for a naive gate it is the parameter's gradient, for a
-    LambdaGELU it is ∂L/∂ρ / (λ − 1), since λ = 1 + e^ρ gives dλ/dρ = λ − 1.
+    LambdaGELU it is ∂L/∂ρ / λ, since λ = e^ρ gives dλ/dρ = λ.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -123,14 +124,14 @@ class LambdaProbe:
         self._last: dict[str, float] = {}
         self._handles = []
         for name, gate in self.gates.items():
-            raw = gate.lam if isinstance(gate, NaiveLambdaGELU) else gate.log_lam_minus_1
+            raw = gate.lam if isinstance(gate, NaiveLambdaGELU) else gate.log_lam
             self._handles.append(raw.register_hook(self._hook(name, gate)))
 
     def _hook(self, name: str, gate: nn.Module):
         def hook(grad: torch.Tensor) -> None:
             g = float(grad.detach().float().sum())
             if isinstance(gate, LambdaGELU):
-                g /= max(_gate_lambda(gate) - 1.0, 1e-30)  # ∂L/∂λ = ∂L/∂ρ / (λ − 1)
+                g /= _gate_lambda(gate)  # ∂L/∂λ = ∂L/∂ρ / λ
             self._last[name] = g
 
         return hook
@@ -162,7 +163,7 @@ def optimizer_groups(model: nn.Module, variant: Variant, lr: float, weight_decay
     """The optimizer groups of ``variant``: weights (decay), biases/norms (+ λ or ρ unless decayed), or the scheme's."""
     if variant.parameterization == "scheme":
         return param_groups(model, lr, weight_decay)
-    raw = {id(g.lam if isinstance(g, NaiveLambdaGELU) else g.log_lam_minus_1) for g in _gates(model).values()}
+    raw = {id(g.lam if isinstance(g, NaiveLambdaGELU) else g.log_lam) for g in _gates(model).values()}
     decay, no_decay = [], []
     for p in model.parameters():
         if p.ndim >= 2 or (id(p) in raw and variant.decay_lambda):

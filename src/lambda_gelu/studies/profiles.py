@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ def spearman(a: list[float], b: list[float], significant: int = 3) -> float:
     """Spearman rank correlation of two profiles, NaN if either is constant or shorter than 2.
 
     Values are first rounded to ``significant`` digits, so layers that sit at
-    the same λ up to float noise (e.g. all at the floor 1 + 1e-4) tie; ties get
+    the same λ up to float noise (e.g. 0.1 runs at its floor 1 + 1e-4) tie; ties get
     average ranks.
     """
     if len(a) != len(b):
@@ -128,6 +129,15 @@ def robustness(rows: list[dict[str, Any]], seeds: tuple[int, ...], inits: tuple[
         }
     out["metric"] = {str(lam0): [r["metric"] for r in rows if r["lam0"] == lam0 and r["index"] == 0]
                      for lam0 in inits}
+    out["init_pairs"] = {
+        f"{a:g}-{b:g}": {
+            "mean_abs_dlog_lam": statistics.fmean(
+                abs(math.log(u) - math.log(v))
+                for seed in seeds for u, v in zip(profile(seed, a, "lam"), profile(seed, b, "lam"), strict=True)),
+            "spearman": _mean_finite([spearman(profile(seed, a, "lam"), profile(seed, b, "lam")) for seed in seeds]),
+        }
+        for a, b in itertools.combinations(inits, 2)
+    }
     return out
 
 
@@ -162,6 +172,16 @@ def report(summary: dict[str, Any], pairs: list[PairSpec], ctx: StudyContext, me
     parts.append(markdown_table(
         ["pair", "ρ_s(λ) seeds", "ρ_s(λ) inits", "ρ_s(λσ) seeds", "ρ_s(λσ) inits", "mean CV(λ) seeds",
          "mean CV(λ) all", f"metric per λ0 {list(inits)}"], rows) + "\n")
+    init_pairs = list(summary[pairs[0].name]["init_pairs"]) if pairs else []
+    if init_pairs:
+        parts.append("Agreement across initial values: for each pair of λ0, the mean over seeds and layers of "
+                     f"|log λ_a − log λ_b| (target ≤ {INIT_AGREEMENT_TARGET}), and the Spearman ρ of the two "
+                     "profiles (mean over seeds; n/a where a profile is flat).\n")
+        parts.append(markdown_table(
+            ["pair", *[f"mean \\|Δ log λ\\| λ0 {k}" for k in init_pairs], *[f"ρ_s λ0 {k}" for k in init_pairs]],
+            [[pair.title,
+              *[_fmt(summary[pair.name]["init_pairs"][k]["mean_abs_dlog_lam"]) for k in init_pairs],
+              *[_fmt(summary[pair.name]["init_pairs"][k]["spearman"]) for k in init_pairs]] for pair in pairs]) + "\n")
     for pair in pairs:
         r = summary[pair.name]
         header = ["layer", *[f"λ (λ0={lam0:g})" for lam0 in inits], *[f"λ·σ (λ0={lam0:g})" for lam0 in inits],
@@ -178,6 +198,9 @@ def report(summary: dict[str, Any], pairs: list[PairSpec], ctx: StudyContext, me
     parts.append(footer(meta))
     return "\n".join(parts)
 
+
+INIT_AGREEMENT_TARGET = 0.15
+"""Profiles from different λ0 agree when their mean |Δ log λ| is at most this (issue 11's target)."""
 
 DEFAULT_SEEDS = {"tiny": (0, 1), "quick": (0, 1), "full": (0, 1, 2)}
 """Seeds per profile when none are given."""
