@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lambda_gelu as lg
-from lambda_gelu.affine_fold import swap_fold_
+from lambda_gelu.affine_fold import TrackingFold, sole_linear_readers, swap_fold_
 from lambda_gelu.batches import default_forward
 from lambda_gelu.distill import Objective, Teacher, make_objective
 from lambda_gelu.harden import HardenConfig, finish_hardening, reluize, start_hardening
@@ -255,6 +256,55 @@ def test_affine_fold_is_exact_for_the_fit_and_beats_the_plain_swap():
         torch.testing.assert_close(folded(inputs), model[2](fit), atol=1e-5, rtol=1e-5)  # the fold is exact
         assert F.mse_loss(folded(inputs), original) < 0.5 * F.mse_loss(direct(inputs), original)
     assert lg.assert_relu(folded, inputs[:2]) == []
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_tracking_fold_keeps_each_channel_mean_and_matches_a_least_squares_reference(per_channel):
+    """A change of λ, folded in the forward pass that sees it: the reader's output mean over the batch is what it
+    was before the change, and (a, b) equal an independent per-channel least-squares solve."""
+    torch.manual_seed(0)
+    gate = lg.LambdaGELU(init=1.5, num_channels=16 if per_channel else None)
+    model = nn.Sequential(nn.Linear(6, 16), gate, nn.Linear(16, 3))
+    inputs = torch.randn(300, 6, generator=GEN)
+    with torch.no_grad():
+        pre, before = model[0](inputs).double(), model(inputs).double()
+    new = torch.linspace(2.0, 9.0, 16) if per_channel else torch.tensor(4.0)
+    tracking = TrackingFold(model, sole_linear_readers(model, [inputs], default_forward))
+    assert set(tracking.readers) == {"1"}
+    weight, bias = model[2].weight.detach().double().clone(), model[2].bias.detach().double().clone()
+    tracking("1", gate, new)
+    gate.set_lambda_(new)
+    with torch.no_grad():
+        after = model(inputs).double()
+    assert tracking.folds == 1 and not tracking.pending
+    torch.testing.assert_close(after.mean(0), before.mean(0), atol=1e-5, rtol=0)
+    # the reference: per channel, lstsq of f(x; λ_old) on [f(x; λ_new), 1]
+    old_out, new_out = lg.lambda_gelu(pre, torch.tensor(1.5, dtype=torch.float64)), lg.lambda_gelu(pre, new.double())
+    ab = torch.stack([torch.linalg.lstsq(torch.stack([new_out[:, c], torch.ones(300, dtype=torch.float64)], 1),
+                                         old_out[:, c:c + 1]).solution[:, 0] for c in range(16)])
+    torch.testing.assert_close(model[2].weight.detach().double(), weight * ab[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model[2].bias.detach().double(), bias + weight @ ab[:, 1], atol=1e-5, rtol=1e-5)
+    tracking("1", gate, new)  # no change of λ: nothing pending, nothing folded
+    assert not tracking.pending
+    tracking.remove()
+
+
+def test_reluize_with_fold_proves_relu_and_changes_less_at_the_swap():
+    plain, folded = gelu_mlp(), gelu_mlp()
+    config = HardenConfig(steps=30, retarget_every=10, lr=3e-3, calibration_batches=2, tau=1e-2)
+    loader = DataLoader(TensorDataset(X, Y), batch_size=64)
+    reference = [reluize(m, loader, config=c, progress=False, swap=False)
+                 for m, c in ((plain, config), (folded, dataclasses.replace(config, fold=True)))]
+    assert all(r.swapped == [] for r in reference)
+    before = {id(m): m(X).detach() for m in (plain, folded)}
+    lg.relufy(plain, example=X[:2])
+    swap_fold_(folded, [X[:128], X[128:256]], default_forward, example=X[:2])
+    change = {name: F.mse_loss(m(X).detach(), before[id(m)]) for name, m in (("plain", plain), ("fold", folded))}
+    assert change["fold"] < change["plain"]
+    whole = gelu_mlp()
+    result = reluize(whole, loader, config=dataclasses.replace(config, fold=True), progress=False)
+    assert result.swapped == ["1", "3"] and lg.assert_relu(whole, X[:2]) == []
+    torch.testing.assert_close(whole(X[:5]), relu_reference(whole)(X[:5]), atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------- resume

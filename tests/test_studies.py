@@ -33,7 +33,7 @@ def relufy_run(tmp_path_factory):
 
 def test_relufy_writes_its_results_folder(relufy_run):
     assert {p.name for p in relufy_run.iterdir()} == {"README.md", "runs.csv", "summary.json", "figures"}
-    assert {p.name for p in (relufy_run / "figures").iterdir()} == {"mlp_digits.png", "recovery.png"}
+    assert {p.name for p in (relufy_run / "figures").iterdir()} == {"mlp_digits.png", "budget_curves.png"}
     report = (relufy_run / "README.md").read_text()
     for _, label in METHODS:
         assert label in report

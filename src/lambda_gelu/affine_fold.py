@@ -1,18 +1,28 @@
-"""Swap + affine fold: GELU(x_c) ≈ a_c·ReLU(x_c) + b_c per channel, folded exactly into the Linear that reads it.
+"""Affine folds: each change of a gate's function, fitted per channel and folded exactly into the Linear that reads it.
 
-Most of what a direct GELU → ReLU swap costs is a per-channel shift and scale:
-E[GELU(x) − ReLU(x)] pushed through the next layer's weights. For each gate
-whose output is read by exactly one ``nn.Linear`` (and by nothing else), the
-least-squares fit on calibration data
+When a gate's function changes from g to h (GELU → ReLU at a swap, or
+f(·; λ_old) → f(·; λ_new) while λ hardens), most of what the next layer sees
+change is a per-channel shift and scale: E[g(x) − h(x)] pushed through its
+weights. For each gate whose output is read by exactly one ``nn.Linear`` with
+a bias (and by nothing else), the least-squares fit on real inputs
 
-    a_c = Cov(ReLU(x_c), GELU(x_c)) / Var(ReLU(x_c)),   b_c = E[GELU(x_c)] − a_c·E[ReLU(x_c)]
+    a_c = Cov(h(x_c), g(x_c)) / Var(h(x_c)),   b_c = E[g(x_c)] − a_c·E[h(x_c)]
 
-is folded into that Linear: W·(a ⊙ r + b) + β = (W·diag(a))·r + (β + W·b), which
-is exact for that reader. The gate then becomes ``nn.ReLU``. This is the
-``swap-fold-distill`` baseline's first half; gates read by no Linear, by
-several, or by one without a bias are swapped unfolded. Only Linear readers are
-seen: a gate output that also feeds a residual sum gets the fold on its Linear
-path only.
+is folded into that Linear: W·(a ⊙ h + b) + β = (W·diag(a))·h + (β + W·b),
+which is exact for that reader. Two users:
+
+* :func:`swap_fold_`, the ``swap-fold-distill`` baseline's first half (and the
+  swap of :func:`lambda_gelu.reluize` with ``HardenConfig(fold=True)``):
+  h = ReLU, and the gate becomes ``nn.ReLU``.
+* :class:`TrackingFold`, attached to a :class:`~lambda_gelu.schedule.Hardener`
+  (``HardenConfig(fold=True)``): every step that moves λ folds that step's
+  change, fitted on the batch the gate sees in that step's forward pass,
+  before the reader runs.
+
+Gates read by no Linear, by several, or by one without a bias are left
+unfolded. Only Linear readers are seen: a gate output that also feeds a
+residual sum gets the fold on its Linear path only. A Conv reader is not
+folded: with zero padding, W·b is not a constant at the borders.
 """
 
 from __future__ import annotations
@@ -24,70 +34,70 @@ from typing import Any
 import torch
 from torch import nn
 
+from lambda_gelu import distributed
 from lambda_gelu.batches import model_device, move_to
 from lambda_gelu.convert import relufy
-from lambda_gelu.gates import activation_layers, materialize_function_gates, preserved_modes
+from lambda_gelu.gates import activation_layers, layer_approximation, materialize_function_gates, preserved_modes
+from lambda_gelu.module import LambdaGELU
+from lambda_gelu.ops import lambda_gelu
+
+Run = Callable[[nn.Module, Any], Any]
 
 
 @dataclass
 class _Moments:
-    """Per-channel sums of r = ReLU(x), g = gate(x), r², r·g over the calibration rows."""
+    """Per-channel sums of h (the new function's output), g (the old one's), h², h·g over the rows seen."""
 
     n: int = 0
-    r: torch.Tensor | None = None
-    g: torch.Tensor | None = None
-    rr: torch.Tensor | None = None
-    rg: torch.Tensor | None = None
+    sums: torch.Tensor | None = None  # (4, C): Σh, Σg, Σh², Σh·g
 
-    def add(self, x: torch.Tensor, gate_out: torch.Tensor) -> None:
-        rows_x = x.detach().double().reshape(-1, x.shape[-1])
-        r, g = rows_x.clamp(min=0), gate_out.detach().double().reshape(-1, x.shape[-1])
-        sums = (r.sum(0), g.sum(0), (r * r).sum(0), (r * g).sum(0))
-        if self.r is None:
-            self.r, self.g, self.rr, self.rg = (s.cpu() for s in sums)
-        else:
-            self.r, self.g, self.rr, self.rg = (old + s.cpu() for old, s in zip(
-                (self.r, self.g, self.rr, self.rg), sums, strict=True))
-        self.n += rows_x.shape[0]
+    def add(self, new: torch.Tensor, old: torch.Tensor) -> None:
+        h = new.detach().double().reshape(-1, new.shape[-1])
+        g = old.detach().double().reshape(-1, new.shape[-1])
+        sums = torch.stack([h.sum(0), g.sum(0), (h * h).sum(0), (h * g).sum(0)]).cpu()
+        self.sums = sums if self.sums is None else self.sums + sums
+        self.n += h.shape[0]
 
     def fit(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a, b) of the least-squares fit gate ≈ a·ReLU + b, per channel (a = 1 where ReLU never varies)."""
+        """(a, b) of the least-squares fit old ≈ a·new + b, per channel (a = 1 where the new output never varies)."""
         n = max(self.n, 1)
-        mean_r, mean_g = self.r / n, self.g / n
-        var_r = self.rr / n - mean_r * mean_r
-        cov = self.rg / n - mean_r * mean_g
-        varies = var_r > 1e-12 * (self.rr / n).clamp(min=1e-30)
-        a = torch.where(varies, cov / var_r.clamp(min=1e-30), torch.ones_like(var_r))
-        return a, mean_g - a * mean_r
-
-
-@dataclass
-class AffineFold:
-    """What :func:`swap_fold_` did: each gate's consumer and fit, and the gates swapped without a fold."""
-
-    folded: dict[str, str]
-    unfolded: list[str]
-    fits: dict[str, tuple[torch.Tensor, torch.Tensor]]
+        mean_h, mean_g, mean_hh, mean_hg = self.sums / n
+        var_h = mean_hh - mean_h * mean_h
+        cov = mean_hg - mean_h * mean_g
+        varies = var_h > 1e-12 * mean_hh.clamp(min=1e-30)
+        a = torch.where(varies, cov / var_h.clamp(min=1e-30), torch.ones_like(var_h))
+        return a, mean_g - a * mean_h
 
 
 @torch.no_grad()
-def swap_fold_(model: nn.Module, calibration: Iterable[Any], run: Callable[[nn.Module, Any], Any],
-               example: Any = None) -> AffineFold:
-    """Swap every GELU-family gate of ``model`` for ReLU, folding each one's affine fit into its sole Linear reader.
+def fold_affine_(linear: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Make ``linear`` read a·h + b where it read h: W ← W·diag(a), β ← β + W·b (W before the scaling)."""
+    weight = linear.weight
+    shift = weight.double() @ b.to(weight.device)
+    weight.mul_(a.to(weight.device, weight.dtype))  # scale input column c by a_c
+    linear.bias.add_(shift.to(linear.bias.dtype))
 
-    ``run(model, batch)`` runs the model on one calibration batch. ``example``
-    (as for :func:`lambda_gelu.relufy`) proves the result ReLU.
+
+@torch.no_grad()
+def sole_linear_readers(
+    model: nn.Module, batches: Iterable[Any], run: Run,
+    observe: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
+) -> dict[str, nn.Linear]:
+    """Each gate of ``model`` whose output is read by exactly one ``nn.Linear`` with a bias and nothing else.
+
+    Runs ``run(model, batch)`` on ``batches`` in eval mode, watching which
+    Linear takes each gate's output tensor as its input; ``observe(name, x,
+    out)`` sees each gate's input and output on the way.
     """
-    materialize_function_gates(model)
     gates = activation_layers(model)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    moments = {name: _Moments() for name in gates}
     outputs: dict[int, tuple[str, torch.Tensor]] = {}  # held for the batch, so that no id is reused
     readers: dict[str, set[str]] = {name: set() for name in gates}
     handles = []
     for name, gate in gates.items():
         def hook(_m: nn.Module, inputs: tuple, out: torch.Tensor, name: str = name) -> None:
-            moments[name].add(inputs[0], out)
+            if observe is not None:
+                observe(name, inputs[0], out)
             outputs[id(out)] = (name, out)
         handles.append(gate.register_forward_hook(hook))
     for lname, linear in linears.items():
@@ -99,30 +109,116 @@ def swap_fold_(model: nn.Module, calibration: Iterable[Any], run: Callable[[nn.M
     device = model_device(model)
     try:
         with preserved_modes(model, training=False):
-            for batch in calibration:
+            for batch in batches:
                 outputs.clear()
                 run(model, move_to(batch, device))
     finally:
         for handle in handles:
             handle.remove()
-    folded, fits = {}, {}
-    for name in gates:
-        a, b = moments[name].fit()
-        fits[name] = (a, b)
-        reader = readers[name]
+    found = {}
+    for name, reader in readers.items():
         if len(reader) != 1 or not _sole_use(model, name):
             continue
-        (lname,) = reader
-        linear = linears[lname]
-        if linear.in_features != a.numel() or linear.bias is None:
-            continue  # a Linear without a bias has nowhere to keep W·b (an added one would be lost on reload)
-        weight = linear.weight
-        shift = weight.double() @ b.to(weight.device)
-        weight.mul_(a.to(weight.device, weight.dtype))  # W·diag(a): scale input column c by a_c
-        linear.bias.add_(shift.to(linear.bias.dtype))
-        folded[name] = lname
-    relufy(model, include_gelu=True, example=example)
-    return AffineFold(folded, [n for n in gates if n not in folded], fits)
+        linear = linears[next(iter(reader))]
+        if linear.bias is not None:  # without a bias there is nowhere to keep W·b (an added one is lost on reload)
+            found[name] = linear
+    return found
+
+
+@dataclass
+class AffineFold:
+    """What :func:`swap_fold_` did: each gate's consumer and fit, the gates swapped without a fold, and every gate
+    swapped (as :func:`lambda_gelu.relufy` reports it)."""
+
+    folded: dict[str, str]
+    unfolded: list[str]
+    fits: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    swapped: list[str]
+
+
+@torch.no_grad()
+def swap_fold_(model: nn.Module, calibration: Iterable[Any], run: Run, example: Any = None) -> AffineFold:
+    """Swap every gate of ``model`` (GELU family or λ-GELU) for ReLU, folding each one's affine fit into its sole
+    Linear reader.
+
+    ``run(model, batch)`` runs the model on one calibration batch. ``example``
+    (as for :func:`lambda_gelu.relufy`) proves the result ReLU.
+    """
+    materialize_function_gates(model)
+    moments: dict[str, _Moments] = {name: _Moments() for name in activation_layers(model)}
+
+    def observe(name: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        moments[name].add(x.clamp(min=0), out)  # old: the gate's output, new: ReLU of its input
+
+    readers = sole_linear_readers(model, calibration, run, observe)
+    names = {id(m): n for n, m in model.named_modules()}
+    folded, fits = {}, {}
+    for name in moments:
+        a, b = moments[name].fit()
+        fits[name] = (a, b)
+        linear = readers.get(name)
+        if linear is not None and linear.in_features == a.numel():
+            fold_affine_(linear, a, b)
+            folded[name] = names[id(linear)]
+    swapped = relufy(model, include_gelu=True, example=example)
+    return AffineFold(folded, [n for n in moments if n not in folded], fits, swapped)
+
+
+class TrackingFold:
+    """Fold every change of a hardening λ into the gate's sole Linear reader, in the forward pass that sees it.
+
+    Called by the Hardener (as its ``on_change``) before it sets a layer's new λ, it
+    remembers the old λ; the gate's next forward pass fits f(x; λ_old) ≈
+    a·f(x; λ_new) + b on that pass's inputs x and folds (a, b) into the reader
+    before the reader runs, so the layer after the gate sees, per channel, the
+    mean and scale it saw before the change. Under torch.distributed the
+    moments are summed over ranks, so every rank folds the same (a, b).
+    Layers without a sole Linear reader (:func:`sole_linear_readers`) are not
+    tracked. Not for FSDP-sharded readers (the fold would reach only the
+    gathered copy).
+    """
+
+    def __init__(self, model: nn.Module, readers: dict[str, nn.Linear]) -> None:
+        layers = {name: m for name, m in model.named_modules() if isinstance(m, LambdaGELU)}
+        self.readers = {name: linear for name, linear in readers.items()  # a per-channel λ must lie along the
+                        if name in layers and (layers[name].num_channels is None  # reader's input dim (the last)
+                                               or layers[name].channel_dim == -1)}
+        self.pending: dict[str, torch.Tensor] = {}
+        self.folds = 0
+        self._handles = [layers[name].register_forward_pre_hook(self._pre_hook(name)) for name in self.readers]
+
+    def __call__(self, name: str, module: LambdaGELU, new: torch.Tensor) -> None:
+        """Note that ``name``'s λ is about to become ``new`` (the first old λ is kept until a forward pass folds it)."""
+        if name in self.readers and name not in self.pending:
+            old = module.lam.double()
+            if not torch.allclose(old, torch.as_tensor(new, dtype=torch.float64).expand_as(old), rtol=1e-6, atol=0):
+                self.pending[name] = old
+
+    def _pre_hook(self, name: str):
+        def hook(module: LambdaGELU, inputs: tuple) -> None:
+            old = self.pending.pop(name, None)
+            if old is None:
+                return
+            with torch.no_grad():
+                x = inputs[0].detach().double()
+                approximate = layer_approximation(module)
+                moments = _Moments()
+                moments.add(lambda_gelu(x, module.lam.double().to(x.device), approximate),
+                            lambda_gelu(x, old.to(x.device), approximate))
+                if distributed.is_active():
+                    moments.sums = distributed.sum_all(moments.sums)
+                    moments.n = int(distributed.sum_all(torch.tensor(float(moments.n))).item())
+                fold_affine_(self.readers[name], *moments.fit())
+                self.folds += 1
+
+        return hook
+
+    def remove(self) -> None:
+        """Detach from the model (nothing pending is folded)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.pending.clear()
 
 
 def _sole_use(model: nn.Module, name: str) -> bool:
@@ -130,4 +226,3 @@ def _sole_use(model: nn.Module, name: str) -> bool:
     target = dict(model.named_modules(remove_duplicate=False))
     count = sum(1 for n, m in model.named_modules(remove_duplicate=False) if m is target[name])
     return count == 1
-

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lambda_gelu import distributed
+from lambda_gelu.affine_fold import TrackingFold, sole_linear_readers, swap_fold_
 from lambda_gelu.batches import Forward, model_device, move_to, take_rows
 from lambda_gelu.calibrate import DEFAULT_TAU, calibrate, discrepancy, layer_targets
 from lambda_gelu.convert import channel_counts, convert, relufy
@@ -50,7 +51,9 @@ class HardenConfig:
     on a built-in data set) and are re-derived every ``retarget_every`` steps.
     ``train_mode`` False trains with dropout off (eval mode), as distilling a
     pretrained model wants. ``batch_size`` is the batch size on a built-in data
-    set (a user's DataLoader brings its own).
+    set (a user's DataLoader brings its own). ``fold`` folds every change of a
+    gate's function (each step of λ, and the swap) into the Linear that reads
+    it, per channel (:mod:`lambda_gelu.affine_fold`).
     """
 
     steps: int = 600
@@ -68,6 +71,7 @@ class HardenConfig:
     seed: int = 1
     amp_dtype: str | None = None
     train_mode: bool = True
+    fold: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -142,15 +146,10 @@ def finish_hardening(hardener: Hardener, rounds: int = 3) -> None:
     for _ in range(rounds if hardener.retarget is not None else 0):
         before = {name: value.clone() for name, value in hardener.target.items()}
         hardener.update_targets(hardener.retarget())
-        _set_targets(hardener)
+        hardener.set_lambdas(hardener.total_steps)
         if all(torch.allclose(before[name], hardener.target[name], rtol=1e-3, atol=0.0) for name in before):
             return
-    _set_targets(hardener)
-
-
-def _set_targets(hardener: Hardener) -> None:
-    for name, lam in hardener.lambdas(hardener.total_steps).items():
-        hardener.layers[name].set_lambda_(lam)
+    hardener.set_lambdas(hardener.total_steps)
 
 
 def remaining_discrepancy(model: nn.Module, samples: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -214,7 +213,9 @@ def reluize(
        measured.
     5. **Swap** every λ-GELU for ``nn.ReLU`` and **verify** with
        :func:`lambda_gelu.assert_relu` that no smooth gate runs (``swap=False``
-       stops before the swap).
+       stops before the swap). With ``config.fold`` every step of λ and the
+       swap itself are folded into the gate's sole Linear reader
+       (:mod:`lambda_gelu.affine_fold`).
 
     ``output(model, batch)`` gets the tensor the loss reads (a name from
     :data:`lambda_gelu.losses.OUTPUTS` or a function; it also runs the model
@@ -251,16 +252,24 @@ def reluize(
     hardener = start_hardening(model, calibration, tau=config.tau, total_steps=config.ramp_steps,
                                shape=config.shape, retarget_every=config.retarget_every, forward=output_fn,
                                targets=saved["target"] if saved else None)
+    tracking = None
+    if config.fold:
+        tracking = TrackingFold(model, sole_linear_readers(model, calibration[:1], output_fn))
+        hardener.on_change = tracking
     first_targets = {name: value.clone() for name, value in hardener.target.items()}
     stream = batches if isinstance(batches, BatchStream) else BatchStream.of_batches(batches, config.seed)
     losses = train_loop(model, stream, objective, config.train_config(), hardener=hardener, desc=desc,
                         progress=progress, checkpointer=checkpointer, stats=stats, training=config.train_mode)
     finish_hardening(hardener)
-    samples = calibrate(model, calibration, forward=output_fn)
+    samples = calibrate(model, calibration, forward=output_fn)  # (with fold: folds the last change of λ)
+    if tracking is not None:
+        tracking.remove()
     result = Reluized(hardener, first_targets, losses, remaining_discrepancy(model, samples), converted,
                       hardness(model, samples))
     if swap:
-        result.swapped = relufy(model, example=probe)  # refuses what it cannot reach; proves no smooth gate runs
+        # relufy refuses what it cannot reach and proves that no smooth gate runs
+        result.swapped = (swap_fold_(model, calibration, output_fn, example=probe).swapped if config.fold
+                          else relufy(model, example=probe))
         result.other_nonlinearities = [op for op in record_gates(model, probe) if not op.gate]
     return result
 

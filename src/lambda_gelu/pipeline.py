@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lambda_gelu.affine_fold import swap_fold_
+from lambda_gelu.batches import default_forward
 from lambda_gelu.convert import relufy
 from lambda_gelu.data import Split
 from lambda_gelu.harden import HardenConfig, reluize
@@ -47,11 +49,17 @@ def harden(
     return result.hardener
 
 
-def relu_copy(model: nn.Module, include_gelu: bool = False, example: Any = None) -> nn.Module:
+def relu_copy(model: nn.Module, include_gelu: bool = False, example: Any = None,
+              fold: list[Any] | None = None) -> nn.Module:
     """A deep copy of ``model`` with its LambdaGELU (and with ``include_gelu``, GELU) gates swapped for ReLU.
 
-    With ``example`` the copy is proven ReLU on it (see :func:`lambda_gelu.relufy`).
+    With ``example`` the copy is proven ReLU on it (see :func:`lambda_gelu.relufy`). With ``fold``
+    (calibration batches) each gate's per-channel affine fit is folded into the Linear that reads it
+    (:func:`lambda_gelu.affine_fold.swap_fold_`; every gate is swapped, GELU included).
     """
     swapped = copy.deepcopy(model)
-    relufy(swapped, include_gelu=include_gelu, example=example)
+    if fold is not None:
+        swap_fold_(swapped, fold, default_forward, example=example)
+    else:
+        relufy(swapped, include_gelu=include_gelu, example=example)
     return swapped

@@ -66,28 +66,28 @@ def plot_relufy_pair(summary: dict[str, Any], pair: PairSpec, path: str | Path) 
     return _save(fig, path)
 
 
-def plot_recovery(rows: list[dict[str, Any]], pairs: Sequence[PairSpec], path: str | Path) -> Path:
-    """Per pair: the ReLU model's cost against its starting model versus the extra-step budget, per method."""
-    labels = {"swap_ft": "swap + FT", "swap_ft_distill": "swap + FT + distill", "harden_fixed": "fixed λ=1, hardened",
-              "harden_learned": "lambda-gelu"}
+def plot_budget_curves(rows: list[dict[str, Any]], pairs: Sequence[PairSpec], labels: dict[str, str],
+                       path: str | Path) -> Path:
+    """Per pair: each method's final metric (mean over seeds) against its extra-step budget, GELU dashed."""
     cols = min(3, len(pairs))
     nrows = (len(pairs) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.4 * nrows), squeeze=False)
     for ax, pair in zip(axes.flat, pairs, strict=False):
+        mine = [row for row in rows if row["pair"] == pair.name]
         for i, (method, label) in enumerate(labels.items()):
             points: dict[int, list[float]] = defaultdict(list)
-            for row in rows:
-                if row["pair"] == pair.name and row["method"] == method:
-                    points[row["extra_steps"]].append(row["cost_vs_start"])
+            for row in mine:
+                if row["method"] == method:
+                    points[row["extra_steps"]].append(row["final"])
             xs = sorted(points)
-            ax.plot(xs, [statistics.fmean(points[x]) for x in xs], marker="o", ms=3, color=COLORS[3 + i],
+            ax.plot(xs, [statistics.fmean(points[x]) for x in xs], marker="o", ms=3, color=COLORS[i % len(COLORS)],
                     label=label)
-        ax.axhline(pair.metric.near, color="gray", lw=0.8, ls="--")
-        ax.axhline(0.0, color="black", lw=0.5)
+        gelu = [row["final"] for row in mine if row["method"] == "gelu"]
+        if gelu:
+            ax.axhline(statistics.fmean(gelu), color="gray", lw=0.8, ls="--", label="GELU")
         ax.set_xlabel("extra steps")
-        ax.set_ylabel(f"ReLU vs start ({pair.metric.damage_unit})")
+        ax.set_ylabel(pair.metric.unit)
         ax.set_title(pair.title, fontsize=9)
-        ax.set_yscale("symlog", linthresh=0.1)
     axes.flat[0].legend(fontsize=7)
     for ax in list(axes.flat)[len(pairs):]:
         ax.axis("off")

@@ -1,4 +1,4 @@
-"""The ReLU-ization table: seven ways to end up with (or without) a ReLU network, at equal extra-step budgets.
+"""The ReLU-ization table: nine ways to end up with (or without) a ReLU network, at equal extra-step budgets.
 
 For each pair and seed, three models train for S steps from the same
 initial weights: GELU, λ-GELU (λ learned from 1) and, for S + E steps, ReLU
@@ -7,20 +7,26 @@ from scratch. Then, with E extra steps each:
 * **direct swap**: GELU → ReLU, no extra steps;
 * **swap + fine-tuning**: the swapped model trains E steps (CE);
 * **swap + FT + distillation**: the same with (1 − w)·CE + w·KL(GELU teacher ‖ model), w = 0.5;
+* **swap + fold + distillation**: the swap with each gate's per-channel affine fit folded into the Linear
+  that reads it (:func:`lambda_gelu.affine_fold.swap_fold_`), then distilled as above;
 * **fixed λ = 1, hardened**: the GELU model as LambdaGELU(λ = 1), hardened by
   the deterministic schedule for E steps (the library's defaults), then swapped;
-* **learned λ, hardened** (lambda-gelu): the λ-GELU model, hardened the same way, then swapped.
+* **learned λ, hardened** (lambda-gelu): the λ-GELU model, hardened the same way, then swapped;
+* **learned λ, hardened with fold**: the same with ``HardenConfig(fold=True)``: every step of λ and the
+  swap folded into the reading Linear.
 
-The extra-step budget E is the same for the four methods that use it, with the
-same learning rate, schedule and data order. The "steps to recover" of a
-method is the smallest budget b in the grid {0, E/8, E/4, E/2, E} (full
-profile) at which its ReLU model is within ``metric.near`` of the smooth model
-it started from (each budget is a run of its own, with its own schedule).
+The extra-step budget E is the same for the six methods that use it, with the
+same learning rate, schedule and data order; each is also run at the other
+budgets of the grid {0, E/4, E/2, E, 2E} (full profile), a run of its own with
+its own schedule each, for the budget curves. The "steps to recover" of a
+method is the smallest budget b in the grid at which its ReLU model is within
+``metric.near`` of the smooth model it started from.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -32,7 +38,7 @@ from lambda_gelu.convert import convert
 from lambda_gelu.distill import Teacher
 from lambda_gelu.metrics import disruption
 from lambda_gelu.outputs import staged_dir
-from lambda_gelu.pipeline import harden, relu_copy
+from lambda_gelu.pipeline import calibration_batches, harden, relu_copy
 from lambda_gelu.studies.common import (
     PAIRS,
     PairSpec,
@@ -58,14 +64,20 @@ METHODS = (
     ("direct_swap", "direct swap"),
     ("swap_ft", "swap + fine-tuning"),
     ("swap_ft_distill", "swap + FT + distillation"),
+    ("swap_fold_distill", "swap + fold + distillation"),
     ("harden_fixed", "fixed λ = 1, hardened"),
     ("harden_learned", "lambda-gelu (learned λ, hardened)"),
+    ("harden_learned_fold", "lambda-gelu + fold"),
 )
 """(key, label) of every method, in table order."""
 
-SWAPPING = ("direct_swap", "swap_ft", "swap_ft_distill", "harden_fixed", "harden_learned")
-BUDGETED = ("swap_ft", "swap_ft_distill", "harden_fixed", "harden_learned")
-GRIDS = {"tiny": (1.0,), "quick": (0.25, 1.0), "full": (0.125, 0.25, 0.5, 1.0)}
+SWAPPING = ("direct_swap", "swap_ft", "swap_ft_distill", "swap_fold_distill", "harden_fixed", "harden_learned",
+            "harden_learned_fold")
+BUDGETED = ("swap_ft", "swap_ft_distill", "swap_fold_distill", "harden_fixed", "harden_learned",
+            "harden_learned_fold")
+OURS = ("harden_learned", "harden_learned_fold")
+"""lambda-gelu's recipes, which start from the λ-GELU model; the others are baselines that start from the GELU model."""
+GRIDS = {"tiny": (1.0,), "quick": (0.25, 1.0), "full": (0.25, 0.5, 1.0, 2.0)}
 """Fractions of the extra-step budget E at which each budgeted method is run."""
 
 
@@ -75,9 +87,11 @@ def _extra_run(method: str, pair: PairSpec, split, seed: int, steps: int, gelu: 
     config = harden_config(pair, seed, steps)
     test = split.test_batches(256)
     metric = pair.metric
-    if method in ("swap_ft", "swap_ft_distill"):
-        model = relu_copy(gelu, include_gelu=True, example=split.x_test[:2])
-        teacher = Teacher(gelu) if method == "swap_ft_distill" else None
+    fold = calibration_batches(split, config)
+    if method in ("swap_ft", "swap_ft_distill", "swap_fold_distill"):
+        model = relu_copy(gelu, include_gelu=True, example=split.x_test[:2],
+                          fold=fold if method == "swap_fold_distill" else None)
+        teacher = Teacher(gelu) if method != "swap_ft" else None
         fit(model, split, config.train_config(), teacher=teacher,
             distill_weight=config.distill_weight if teacher else 0.0, desc=method, progress=False)
         final, evaluation = score(pair, model, split)
@@ -85,8 +99,9 @@ def _extra_run(method: str, pair: PairSpec, split, seed: int, steps: int, gelu: 
     smooth = copy.deepcopy(gelu if method == "harden_fixed" else lam)
     if method == "harden_fixed":
         convert(smooth)  # λ = 1: the GELU model itself
-    harden(smooth, split, config, progress=False)
-    relu = relu_copy(smooth, example=split.x_test[:2])
+    with_fold = method == "harden_learned_fold"
+    harden(smooth, split, dataclasses.replace(config, fold=with_fold), progress=False)
+    relu = relu_copy(smooth, example=split.x_test[:2], fold=fold if with_fold else None)
     swap = disruption(smooth, relu, test)
     before = metric.score_parts(swap.accuracy_before, swap.loss_before)
     after = metric.score_parts(swap.accuracy_after, swap.loss_after)
@@ -111,8 +126,14 @@ def run_pair_seed(pair: PairSpec, ctx: StudyContext, seed: int) -> list[dict[str
     example = split.x_test[:2]
     direct = disruption(gelu, relu_copy(gelu, include_gelu=True, example=example), test)
     lam_direct = disruption(lam, relu_copy(lam, example=example), test)
+    calibration = calibration_batches(split, harden_config(pair, seed, 1))
+    folded = disruption(gelu, relu_copy(gelu, include_gelu=True, example=example, fold=calibration), test)
+    lam_folded = disruption(lam, relu_copy(lam, example=example, fold=calibration), test)
+    # budget 0 of each budgeted method: the swap of the model it starts from, folded or not
+    at_zero = {"direct": direct, "lam_direct": lam_direct, "folded": folded, "lam_folded": lam_folded}
+    zero_of = {"swap_ft": "direct", "swap_ft_distill": "direct", "swap_fold_distill": "folded",
+               "harden_fixed": "direct", "harden_learned": "lam_direct", "harden_learned_fold": "lam_folded"}
     direct_after = metric.score_parts(direct.accuracy_after, direct.loss_after)
-    lam_after = metric.score_parts(lam_direct.accuracy_after, lam_direct.loss_after)
 
     base = {"pair": pair.name, "seed": seed, "gelu": gelu_score, "lambda_gelu": lam_score}
     rows: list[dict[str, Any]] = [
@@ -123,28 +144,32 @@ def run_pair_seed(pair: PairSpec, ctx: StudyContext, seed: int) -> list[dict[str
         dict(base, method="direct_swap", extra_steps=0, start=gelu_score, before_swap=gelu_score,
              after_swap=direct_after, final=direct_after, final_loss=direct.loss_after, kl=direct.kl),
     ]
-    # budget 0 of every budgeted method is a direct swap of the model it starts from
     for method in BUDGETED:
-        start = lam_score if method == "harden_learned" else gelu_score
-        after = lam_after if method == "harden_learned" else direct_after
-        loss = lam_direct.loss_after if method == "harden_learned" else direct.loss_after
+        start = lam_score if method in OURS else gelu_score
+        swap = at_zero[zero_of[method]]
+        after = metric.score_parts(swap.accuracy_after, swap.loss_after)
         rows.append(dict(base, method=method, extra_steps=0, start=start, before_swap=start, after_swap=after,
-                         final=after, final_loss=loss))
+                         final=after, final_loss=swap.loss_after))
     for fraction in GRIDS[ctx.profile]:
         budget = max(1, round(fraction * extra))
         for method in BUDGETED:
             result = _extra_run(method, pair, split, seed, budget, gelu, lam)
-            start = lam_score if method == "harden_learned" else gelu_score
-            if method in ("swap_ft", "swap_ft_distill"):
-                result.update(before_swap=gelu_score, after_swap=direct_after)
+            start = lam_score if method in OURS else gelu_score
+            if method in ("swap_ft", "swap_ft_distill", "swap_fold_distill"):
+                swap = at_zero[zero_of[method]]
+                result.update(before_swap=gelu_score, after_swap=metric.score_parts(swap.accuracy_after,
+                                                                                    swap.loss_after))
             rows.append(dict(base, method=method, extra_steps=budget, start=start, **result))
     for row in rows:
         row["vs_gelu"] = metric.damage(gelu_score, row["final"])
         row["drop_at_swap"] = (None if row.get("after_swap") is None
                                else metric.damage(row["before_swap"], row["after_swap"]))
         row["cost_vs_start"] = None if row.get("start") is None else metric.damage(row["start"], row["final"])
+    at_e = {r["method"]: r["final"] for r in rows if r["extra_steps"] == extra}
     ctx.say(f"relufy {pair.name} seed {seed}: GELU {gelu_score:.3f}, λ-GELU {lam_score:.3f}, "
-            f"ReLU scratch {relu_score:.3f}, lambda-gelu ReLU {rows[-1]['final']:.3f} "
+            f"ReLU scratch {relu_score:.3f}, lambda-gelu ReLU {at_e.get('harden_learned', float('nan')):.3f}, "
+            f"+ fold {at_e.get('harden_learned_fold', float('nan')):.3f}, "
+            f"swap + fold + distill {at_e.get('swap_fold_distill', float('nan')):.3f} "
             f"({time.time() - started:.0f} s)")
     return rows
 
@@ -188,15 +213,34 @@ def summarize(rows: list[dict[str, Any]], pairs: list[PairSpec], ctx: StudyConte
     return summary
 
 
+def _best(methods: dict[str, Any], keys: tuple[str, ...], metric) -> str:
+    """The key among ``keys`` with the best mean final metric."""
+    best = keys[0]
+    for key in keys[1:]:
+        if metric.better(mean_std(methods[key]["final"])[0], mean_std(methods[best]["final"])[0]):
+            best = key
+    return best
+
+
 def _targets(methods: dict[str, Any], metric) -> dict[str, Any]:
-    ours = methods["harden_learned"]
+    ours_key = _best(methods, OURS, metric)
+    ours = methods[ours_key]
     gap = mean_std(ours["vs_gelu"])[0]
     drops = {k: max(0.0, mean_std(methods[k]["drop_at_swap"])[0]) for k in SWAPPING}  # a gain counts as no drop
     ours_final, ft_final = mean_std(ours["final"])[0], mean_std(methods["swap_ft"]["final"])[0]
+    baselines = tuple(k for k in BUDGETED if k not in OURS) + ("direct_swap",)
+    best_baseline = _best(methods, baselines, metric)
+    ours_mean, ours_std = mean_std(ours["final"])
+    base_mean, base_std = mean_std(methods[best_baseline]["final"])
     return {
+        "best_recipe": ours_key,
+        "best_baseline": best_baseline,
+        "beats_every_baseline": metric.better(ours_mean, base_mean),
+        "outside_spread": metric.better(ours_mean, base_mean) and abs(ours_mean - base_mean) > ours_std + base_std,
+        "winner": _best(methods, (*baselines, *OURS), metric),
         "within_target_of_gelu": gap <= metric.target,
         "gap_to_gelu": gap,
-        "smallest_swap_drop": all(drops["harden_learned"] <= d + 1e-9 for d in drops.values()),
+        "smallest_swap_drop": all(drops[ours_key] <= d + 1e-9 for d in drops.values()),
         "swap_drops": drops,
         "beats_swap_ft": metric.better(ours_final, ft_final),
         "final_lambda_gelu": ours_final,
@@ -230,7 +274,38 @@ def overview(summary: dict[str, Any], pairs: list[PairSpec]) -> str:
     )
 
 
-def report(summary: dict[str, Any], pairs: list[PairSpec], ctx: StudyContext, meta: dict[str, Any]) -> str:
+def budget_table(rows: list[dict[str, Any]], pairs: list[PairSpec], ctx: StudyContext) -> str:
+    """The winner (best mean final metric over seeds) among the budgeted methods at each budget, per pair."""
+    labels = dict(METHODS)
+    table = []
+    budgets_seen: list[str] = []
+    for pair in pairs:
+        extra = ctx.harden_steps(pair)
+        by: dict[tuple[int, str], list[float]] = defaultdict(list)
+        for row in rows:
+            if row["pair"] == pair.name and row["method"] in BUDGETED:
+                by[(row["extra_steps"], row["method"])].append(row["final"])
+        cells = []
+        for budget in sorted({b for b, _ in by}):
+            means = {m: mean_std(v)[0] for (b, m), v in by.items() if b == budget}
+            best = next(iter(means))
+            for method, value in means.items():
+                if pair.metric.better(value, means[best]):
+                    best = method
+            digits = 2 if pair.metric.name == "accuracy" else 3
+            cells.append(f"{labels[best]} ({means[best]:.{digits}f})")
+            if len(budgets_seen) < len(cells):
+                budgets_seen.append(f"{budget / extra:g}·E" if budget else "0")
+        table.append([pair.title, *cells])
+    width = max(len(r) for r in table) - 1 if table else 0
+    header = ["pair", *(budgets_seen + [""] * (width - len(budgets_seen)))[:width]]
+    return ("## Which method at which budget\n\nThe best ReLU model (mean final metric over seeds) at each "
+            "extra-step budget, and its metric; figures/budget_curves.png has every method's curve.\n\n"
+            + markdown_table(header, table) + "\n")
+
+
+def report(summary: dict[str, Any], pairs: list[PairSpec], ctx: StudyContext, meta: dict[str, Any],
+           run_rows: list[dict[str, Any]]) -> str:
     """The Markdown report: the main table per pair, the targets, the figures, how it was made."""
     parts = ["# ReLU-ization table\n",
              "Final metric of each method at the same extra-step budget E (mean ± std over seeds "
@@ -259,18 +334,24 @@ def report(summary: dict[str, Any], pairs: list[PairSpec], ctx: StudyContext, me
         parts.append(f"![{pair.name}](figures/{pair.name}.png)\n")
         t = s["targets"]
         met = "met" if t["within_target_of_gelu"] else "**missed**"
-        target_rows.append([pair.title, f"{t['gap_to_gelu']:+.2f} ({met})",
+        labels = dict(METHODS)
+        beats = "yes" if t["beats_every_baseline"] else "**no**"
+        target_rows.append([pair.title, labels[t["best_recipe"]], f"{t['gap_to_gelu']:+.2f} ({met})",
                             "yes" if t["smallest_swap_drop"] else "**no**",
-                            f"{'yes' if t['beats_swap_ft'] else '**no**'} ({t['final_lambda_gelu']:.3f} vs "
-                            f"{t['final_swap_ft']:.3f})"])
-    wins = sum(summary[p.name]["targets"]["beats_swap_ft"] for p in pairs)
-    parts.append("## Targets\n\nlambda-gelu's ReLU model within 0.5 points (LM: 2% relative bpc) of the GELU "
-                 "baseline; the smallest drop at the swap of the five swapping methods; better than swap + "
-                 "fine-tuning at the same budget (mean final metric).\n")
-    parts.append(markdown_table(["pair", "worse than GELU", "smallest swap drop", "beats swap + FT"],
-                                target_rows, "lrrr") + "\n")
-    parts.append(f"lambda-gelu beats swap + fine-tuning on {wins} of {len(pairs)} pairs (target: 5 of 6).\n")
-    parts.append("![recovery](figures/recovery.png)\n")
+                            f"{beats} (best baseline: {labels[t['best_baseline']]})",
+                            "yes" if t["outside_spread"] else "no", labels[t["winner"]]])
+    wins = sum(summary[p.name]["targets"]["beats_every_baseline"] for p in pairs)
+    clear = sum(summary[p.name]["targets"]["outside_spread"] for p in pairs)
+    parts.append("## Targets\n\nAt the budget E, lambda-gelu's better recipe (with or without fold): within 0.5 "
+                 "points (LM: 2% relative bpc) of the GELU baseline; the smallest drop at the swap of the swapping "
+                 "methods; better than every baseline, swap + fold + distillation included (mean final metric), "
+                 "and by more than the two seed spreads added.\n")
+    parts.append(markdown_table(["pair", "recipe", "worse than GELU", "smallest swap drop", "beats every baseline",
+                                 "outside the spread", "winner"], target_rows, "llrrrrl") + "\n")
+    parts.append(f"lambda-gelu beats every baseline on {wins} of {len(pairs)} pairs, outside the seed spread on "
+                 f"{clear}.\n")
+    parts.append(budget_table(run_rows, pairs, ctx))
+    parts.append("![budget curves](figures/budget_curves.png)\n")
     parts.append(footer(meta))
     return "\n".join(parts)
 
@@ -282,7 +363,7 @@ DEFAULT_SEEDS = {"tiny": (0,), "quick": (0,), "full": (0, 1, 2)}
 def run_relufy(out: str | Path, ctx: StudyContext, pairs: list[str] | None = None, force: bool = False
                ) -> dict[str, Any]:
     """Run the ReLU-ization study and write its results folder; returns the summary."""
-    from lambda_gelu.studies.figures import plot_recovery, plot_relufy_pair
+    from lambda_gelu.studies.figures import plot_budget_curves, plot_relufy_pair
 
     specs = parse_pairs(pairs, list(PAIRS))
     ctx = ctx.with_default_seeds(DEFAULT_SEEDS)
@@ -302,10 +383,11 @@ def run_relufy(out: str | Path, ctx: StudyContext, pairs: list[str] | None = Non
         summary = summarize(rows, specs, ctx)
         for pair in specs:
             plot_relufy_pair(summary[pair.name], pair, stage / "figures" / f"{pair.name}.png")
-        plot_recovery(rows, specs, stage / "figures" / "recovery.png")
+        labels = dict(METHODS)
+        plot_budget_curves(rows, specs, {k: labels[k] for k in BUDGETED}, stage / "figures" / "budget_curves.png")
         meta = run_metadata("relufy", ctx, specs, started, {"grid": GRIDS[ctx.profile]})
         write_csv(stage / "runs.csv", rows)
         write_json(stage / "summary.json", {"meta": meta, "summary": summary})
-        (stage / "README.md").write_text(report(summary, specs, ctx, meta))
+        (stage / "README.md").write_text(report(summary, specs, ctx, meta, rows))
     ctx.say(f"relufy study done in {(time.time() - started) / 60:.1f} min -> {out}")
     return summary
