@@ -5,7 +5,7 @@ Two measurements on a fixed batch of pre-activations x ~ N(0, 1):
 1. *Attenuation.* Loss = mean (f(x; λ) − ReLU(x))², which always asks for a
    harder gate. From λ0 ∈ {1, 1.5, 10, 100, 1000}, the mean |Δ log λ| per step
    over steps 21-40 (after momentum has built up). Naive: λ itself is an ``nn.Parameter``; its gradient falls
-   like λ⁻³, so its steps vanish. lambda-gelu: ρ = log(λ − 1) with the
+   like λ⁻³, so its steps vanish. lambda-gelu: ρ = log λ (projected to ρ ≥ 0) with the
    normalized, optimizer-aware update of ``param_groups``.
 2. *Sustained hardening.* The same loss from λ0 = 1.5 for 300 steps: λ
    reached, and mean |Δ log λ| over the last 50 steps (in lambda-gelu's case

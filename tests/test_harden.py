@@ -259,9 +259,9 @@ def test_affine_fold_is_exact_for_the_fit_and_beats_the_plain_swap():
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_tracking_fold_keeps_each_channel_mean_and_matches_a_least_squares_reference(per_channel):
+def test_tracking_fold_keeps_each_channel_mean_against_a_hand_computed_shift(per_channel):
     """A change of λ, folded in the forward pass that sees it: the reader's output mean over the batch is what it
-    was before the change, and (a, b) equal an independent per-channel least-squares solve."""
+    was before the change, and its bias moved by W·E[f(x; λ_old) − f(x; λ_new)], computed here by hand."""
     torch.manual_seed(0)
     gate = lg.LambdaGELU(init=1.5, num_channels=16 if per_channel else None)
     model = nn.Sequential(nn.Linear(6, 16), gate, nn.Linear(16, 3))
@@ -272,21 +272,40 @@ def test_tracking_fold_keeps_each_channel_mean_and_matches_a_least_squares_refer
     tracking = TrackingFold(model, sole_linear_readers(model, [inputs], default_forward))
     assert set(tracking.readers) == {"1"}
     weight, bias = model[2].weight.detach().double().clone(), model[2].bias.detach().double().clone()
-    tracking("1", gate, new)
     gate.set_lambda_(new)
     with torch.no_grad():
         after = model(inputs).double()
-    assert tracking.folds == 1 and not tracking.pending
+        again = model(inputs).double()  # λ did not move since: nothing more is folded
+    assert tracking.folds == 1
+    torch.testing.assert_close(again, after, atol=0, rtol=0)
     torch.testing.assert_close(after.mean(0), before.mean(0), atol=1e-5, rtol=0)
-    # the reference: per channel, lstsq of f(x; λ_old) on [f(x; λ_new), 1]
-    old_out, new_out = lg.lambda_gelu(pre, torch.tensor(1.5, dtype=torch.float64)), lg.lambda_gelu(pre, new.double())
-    ab = torch.stack([torch.linalg.lstsq(torch.stack([new_out[:, c], torch.ones(300, dtype=torch.float64)], 1),
-                                         old_out[:, c:c + 1]).solution[:, 0] for c in range(16)])
-    torch.testing.assert_close(model[2].weight.detach().double(), weight * ab[:, 0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(model[2].bias.detach().double(), bias + weight @ ab[:, 1], atol=1e-5, rtol=1e-5)
-    tracking("1", gate, new)  # no change of λ: nothing pending, nothing folded
-    assert not tracking.pending
+    shift = (pre * 0.5 * torch.erfc(-1.5 * pre / math.sqrt(2))
+             - pre * 0.5 * torch.erfc(-new.double() * pre / math.sqrt(2))).mean(0)
+    torch.testing.assert_close(model[2].weight.detach().double(), weight, atol=0, rtol=0)  # the mean only
+    torch.testing.assert_close(model[2].bias.detach().double(), bias + weight @ shift, atol=1e-5, rtol=1e-5)
     tracking.remove()
+
+
+def test_fold_readers_are_only_exact_ones():
+    """A Linear read twice, by two gates, on a non-gate input too, or sharing its weight is not a fold target."""
+    torch.manual_seed(0)
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.g1, self.g2 = nn.Linear(6, 8), nn.Linear(6, 8), nn.GELU(), nn.GELU()
+            self.shared, self.own, self.g3 = nn.Linear(8, 8), nn.Linear(6, 8), nn.GELU()
+            self.tied = nn.Linear(8, 8)
+            self.tied.weight = self.shared.weight
+
+        def forward(self, x):
+            both = self.shared(self.g1(self.a(x))) + self.shared(self.g2(self.b(x)))  # one Linear, two gates
+            return both + self.tied(self.g3(self.own(x)))  # a Linear whose weight another module holds
+
+    model = Two()
+    assert sole_linear_readers(model, [torch.randn(4, 6)], default_forward) == {}
+    plain = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3))
+    assert list(sole_linear_readers(plain, [torch.randn(4, 6)], default_forward)) == ["1"]
 
 
 def test_reluize_with_fold_proves_relu_and_changes_less_at_the_swap():
@@ -303,6 +322,7 @@ def test_reluize_with_fold_proves_relu_and_changes_less_at_the_swap():
     assert change["fold"] < change["plain"]
     whole = gelu_mlp()
     result = reluize(whole, loader, config=dataclasses.replace(config, fold=True), progress=False)
+    assert result.folds > 0 and not any(hook for gate in (whole[1], whole[3]) for hook in gate._forward_pre_hooks)
     assert result.swapped == ["1", "3"] and lg.assert_relu(whole, X[:2]) == []
     torch.testing.assert_close(whole(X[:5]), relu_reference(whole)(X[:5]), atol=0, rtol=0)
 

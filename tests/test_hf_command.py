@@ -67,7 +67,9 @@ def test_hf_feature_extraction_with_every_baseline(tmp_path, tokenizer_dir, sent
     assert code == 0, err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["task"] == "feature-extraction"
-    assert list(metrics["methods"]) == ["lambda-gelu", "direct-swap", "swap-distill", "swap-fold-distill"]
+    assert list(metrics["methods"]) == ["lambda-gelu", "lambda-gelu-fold", "direct-swap", "swap-distill",
+                                        "swap-fold-distill"]
+    assert metrics["methods"]["lambda-gelu-fold"]["verification"]["smooth_gates"] == []
     for name, row in metrics["methods"].items():
         assert 0.0 < row["cosine_mean"] <= 1.0 and 0.0 <= row["agreement_at_10"] <= 1.0, name
     assert metrics["methods"]["direct-swap"]["extra_steps"] == 0

@@ -28,7 +28,8 @@ from lambda_gelu.models import build_model
 from lambda_gelu.module import RAW_KEY, LambdaGELU, lambda_state_problem, upgrade_lambda_state
 
 FORMAT_VERSION = 2
-"""2: λ stored as log λ (key ``log_lam``, one layer's λ of shape (1,)). 1 (lambda-gelu 0.1): log(λ − 1), converted on load."""
+"""2: λ stored as log λ (key ``log_lam``, one layer's λ of shape (1,)).
+1 (lambda-gelu 0.1): log(λ − 1), converted on load."""
 READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "lambda_gelu"
 

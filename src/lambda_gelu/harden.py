@@ -162,7 +162,8 @@ def remaining_discrepancy(model: nn.Module, samples: dict[str, torch.Tensor]) ->
 @dataclass
 class Reluized:
     """What :func:`reluize` did: the schedule it ran, the losses, each layer's discrepancy and hardness just
-    before the swap, the layers it converted and swapped, and the non-gate nonlinearities left (the proof)."""
+    before the swap, the layers it converted, how many changes of λ it folded (``HardenConfig.fold``), the
+    layers it swapped, and the non-gate nonlinearities left (the proof)."""
 
     hardener: Hardener
     first_targets: dict[str, torch.Tensor]
@@ -170,6 +171,7 @@ class Reluized:
     discrepancy: dict[str, float]
     converted: list[str]
     profile: list[LayerHardness]
+    folds: int = 0
     swapped: list[str] = field(default_factory=list)
     other_nonlinearities: list[SmoothOp] = field(default_factory=list)
 
@@ -252,20 +254,19 @@ def reluize(
     hardener = start_hardening(model, calibration, tau=config.tau, total_steps=config.ramp_steps,
                                shape=config.shape, retarget_every=config.retarget_every, forward=output_fn,
                                targets=saved["target"] if saved else None)
-    tracking = None
-    if config.fold:
-        tracking = TrackingFold(model, sole_linear_readers(model, calibration[:1], output_fn))
-        hardener.on_change = tracking
+    tracking = TrackingFold(model, sole_linear_readers(model, calibration[:1], output_fn)) if config.fold else None
     first_targets = {name: value.clone() for name, value in hardener.target.items()}
     stream = batches if isinstance(batches, BatchStream) else BatchStream.of_batches(batches, config.seed)
-    losses = train_loop(model, stream, objective, config.train_config(), hardener=hardener, desc=desc,
-                        progress=progress, checkpointer=checkpointer, stats=stats, training=config.train_mode)
-    finish_hardening(hardener)
-    samples = calibrate(model, calibration, forward=output_fn)  # (with fold: folds the last change of λ)
-    if tracking is not None:
-        tracking.remove()
+    try:
+        losses = train_loop(model, stream, objective, config.train_config(), hardener=hardener, desc=desc,
+                            progress=progress, checkpointer=checkpointer, stats=stats, training=config.train_mode)
+        finish_hardening(hardener)
+        samples = calibrate(model, calibration, forward=output_fn)  # (with fold: folds the last change of λ)
+    finally:
+        if tracking is not None:
+            tracking.remove()
     result = Reluized(hardener, first_targets, losses, remaining_discrepancy(model, samples), converted,
-                      hardness(model, samples))
+                      hardness(model, samples), folds=tracking.folds if tracking is not None else 0)
     if swap:
         # relufy refuses what it cannot reach and proves that no smooth gate runs
         result.swapped = (swap_fold_(model, calibration, output_fn, example=probe).swapped if config.fold

@@ -24,9 +24,8 @@ LAMBDA_MAX = 1e6
 """Largest λ the module produces; the op's numerics are guaranteed up to here."""
 
 RAW_MIN = 0.0
-RAW_MAX = math.log(LAMBDA_MAX)
-RAW_MAX_STORED = float(torch.tensor(RAW_MAX, dtype=torch.float32))
-"""RAW_MAX as float32 stores it (a little above RAW_MAX); larger stored values are refused on load."""
+RAW_MAX = 13.815509796142578
+"""The largest float32 below log 1e6 (float32(log 1e6) itself reads as λ = 1e6 + 0.19): λ <= 999999.25."""
 
 
 def _check_lambda_values(values: torch.Tensor, what: str) -> None:
@@ -40,8 +39,8 @@ def _check_lambda_values(values: torch.Tensor, what: str) -> None:
 
 
 def lambda_to_raw(lam: torch.Tensor) -> torch.Tensor:
-    """ρ = log λ in float32 (λ = 1 is stored as ρ = 0 exactly)."""
-    return torch.log(lam.double()).float()
+    """ρ = log λ in float32, within [0, RAW_MAX] (λ = 1 is stored as ρ = 0 exactly)."""
+    return torch.log(lam.double()).clamp(RAW_MIN, RAW_MAX).float()
 
 
 def raw_to_lambda(raw: torch.Tensor) -> torch.Tensor:
@@ -196,6 +195,8 @@ class LambdaGELU(nn.Module):
         return lambda_gelu(x, lam, self.approximate)
 
     def extra_repr(self) -> str:
+        if distributed.is_sharded(self.log_lam):  # reading it would be a collective: print on one rank must not hang
+            return f"num_channels={self.num_channels}, lam=<sharded>"
         lam = self.lam
         if lam.ndim == 0:
             text = f"lam={lam.item():.4g}"
@@ -244,6 +245,6 @@ def lambda_state_problem(raw: torch.Tensor, shape: tuple[int, ...]) -> str | Non
     """
     if tuple(raw.shape) != shape:
         return f"λ has shape {tuple(raw.shape)} in the checkpoint, {shape} in the model"
-    if not raw.is_floating_point() or not bool(torch.isfinite(raw).all()) or bool((raw > RAW_MAX_STORED).any()):
+    if not raw.is_floating_point() or not bool(torch.isfinite(raw).all()) or bool((raw > RAW_MAX).any()):
         return "λ would be non-finite (or above 1e6)"
     return None

@@ -74,10 +74,6 @@ class Hardener:
     ``retarget_every`` = N, the targets are re-derived every N steps; a target
     only ever rises, so λ stays on a monotone path.
 
-    ``on_change(name, module, new_lam)``, if given, is called before a
-    layer's λ is set to a new value (e.g. :class:`lambda_gelu.affine_fold.TrackingFold`,
-    which folds each change into the layer that reads the gate).
-
     The schedule owns λ only; distillation against the pre-hardening model is
     its own piece (:class:`lambda_gelu.distill.Teacher`).
     """
@@ -90,7 +86,6 @@ class Hardener:
         shape: Shape = "cosine",
         retarget: Callable[[], dict[str, torch.Tensor]] | None = None,
         retarget_every: int = 0,
-        on_change: Callable[[str, nn.Module, torch.Tensor], None] | None = None,
     ) -> None:
         if retarget_every < 0 or (retarget_every and retarget is None):
             raise ValueError("retarget_every needs a retarget function and must be >= 0")
@@ -115,7 +110,6 @@ class Hardener:
         self.step_count = 0
         self.retarget = retarget
         self.retarget_every = retarget_every
-        self.on_change = on_change
         for module in self.layers.values():
             module.log_lam.requires_grad_(False)
 
@@ -139,10 +133,8 @@ class Hardener:
         self.set_lambdas(self.step_count)
 
     def set_lambdas(self, step: int) -> None:
-        """Set every layer's λ to the schedule's value at ``step`` (telling ``on_change`` first)."""
+        """Set every layer's λ to the schedule's value at ``step``."""
         for name, lam in self.lambdas(step).items():
-            if self.on_change is not None:
-                self.on_change(name, self.layers[name], lam)
             self.layers[name].set_lambda_(lam)
 
     def update_targets(self, targets: dict[str, torch.Tensor | float]) -> None:

@@ -19,6 +19,7 @@ The phases, each one call:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -71,11 +72,14 @@ TASKS: dict[str, Task] = {
     "image-classification": Task("AutoModelForImageClassification", logits, "kl", "classifier", "image"),
 }
 
-METHODS = ("lambda-gelu", "direct-swap", "swap-distill", "swap-fold-distill")
-"""``lambda-gelu`` (the recipe) and the baselines: the swap alone, the swap then distillation, and the swap
-with each gate's affine fit folded into the Linear that reads it, then distillation."""
+METHODS = ("lambda-gelu", "lambda-gelu-fold", "direct-swap", "swap-distill", "swap-fold-distill")
+"""``lambda-gelu`` (the recipe), ``lambda-gelu-fold`` (the recipe with every change of a gate folded into the
+Linear that reads it, ``HardenConfig(fold=True)``) and the baselines: the swap alone, the swap then
+distillation, and the swap with each gate's affine fit folded into the Linear that reads it, then distillation."""
+RECIPES = ("lambda-gelu", "lambda-gelu-fold")
 
-LABELS = {"lambda-gelu": "lambda-gelu ReLU-ization", "direct-swap": "direct swap GELU → ReLU",
+LABELS = {"lambda-gelu": "lambda-gelu ReLU-ization", "lambda-gelu-fold": "lambda-gelu + fold",
+          "direct-swap": "direct swap GELU → ReLU",
           "swap-distill": "swap + distillation", "swap-fold-distill": "swap + affine fold + distillation"}
 
 
@@ -309,10 +313,11 @@ def run_method(name: str, original: nn.Module, data: Data, task: str, config: HF
         embeddings.requires_grad_(False)  # the token table stays as it is (no gate reads it directly)
     probe = _runner(task, data.calibration[0])
     harden_config = config.harden_config()
-    if name == "lambda-gelu":
-        result = reluize(model, data.train, output=spec.output, loss=spec.loss, config=harden_config,
+    if name in RECIPES:
+        result = reluize(model, data.train, output=spec.output, loss=spec.loss,
+                         config=dataclasses.replace(harden_config, fold=name == "lambda-gelu-fold"),
                          calibration=data.calibration, per_channel=config.per_channel, progress=progress,
-                         checkpointer=checkpointer, desc="lambda-gelu")
+                         checkpointer=checkpointer, desc=name)
         details = {
             "layers": {n: {"target_first": _summary(result.first_targets[n]), "target_final": _summary(t),
                            "discrepancy_at_swap": result.discrepancy.get(n)} for n, t in result.targets.items()},
@@ -550,7 +555,7 @@ def run_hf(model_dir: str | Path, data_path: str | Path, out: str | Path, config
                                                                          data.held_out[0], trust)
         if config.onnx:
             metrics["onnx"] = export_onnx_checked(chosen.model, data.held_out[0], stage / "model.onnx", task)
-        if chosen.name == "lambda-gelu":
+        if chosen.name in RECIPES:
             _plot_profile(chosen, stage / "hardness.png")
         metrics["seconds"] = round(time.perf_counter() - started, 1)
         (stage / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
@@ -609,11 +614,11 @@ def model_card(metrics: dict[str, Any], chosen: str) -> str:
     lines += ["", f"Closest to the original on {columns[0][1]}: **{LABELS[best]}**."
               + ("" if best == chosen else f" This folder holds {LABELS[chosen]}; the winner is in "
                  f"`baselines/{best}`."), ""]
-    lam = metrics["methods"].get("lambda-gelu")
+    lam = metrics["methods"].get(chosen if chosen in RECIPES else "lambda-gelu")
     if lam is not None and "layers" in lam:
         lines += ["## Hardness profile", "", "λ* each gate reached before the swap "
                   f"(τ = {config['tau']:g}; per-channel λ: {'yes' if config['per_channel'] else 'no'}):", "",
-                  "![hardness](hardness.png)" if chosen == "lambda-gelu" else "", "",
+                  "![hardness](hardness.png)" if chosen in RECIPES else "", "",
                   "| gate | λ* first (min / median / max) | λ* final (min / median / max) | D(λ*) at the swap |",
                   "| --- | ---: | ---: | ---: |"]
         for name, layer in lam["layers"].items():

@@ -83,8 +83,8 @@ VARIANTS = (
     Variant("naive_sgd_wd", "naive λ + weight decay, SGD", "naive", "sgd", True),
     Variant("naive_adamw", "naive λ, AdamW", "naive", "adamw"),
     Variant("naive_adamw_wd", "naive λ + weight decay, AdamW", "naive", "adamw", True),
-    Variant("constrained_sgd", "λ = 1 + exp ρ, plain group, SGD", "constrained", "sgd"),
-    Variant("constrained_adamw", "λ = 1 + exp ρ, plain group, AdamW", "constrained", "adamw"),
+    Variant("constrained_sgd", "λ = exp ρ (clamped at 1), plain group, SGD", "constrained", "sgd"),
+    Variant("constrained_adamw", "λ = exp ρ (clamped at 1), plain group, AdamW", "constrained", "adamw"),
     Variant("scheme_sgd", "lambda-gelu scheme, SGD", "scheme", "sgd"),
     Variant("scheme_adamw", "lambda-gelu scheme, AdamW", "scheme", "adamw"),
 )

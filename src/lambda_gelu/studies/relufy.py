@@ -87,10 +87,10 @@ def _extra_run(method: str, pair: PairSpec, split, seed: int, steps: int, gelu: 
     config = harden_config(pair, seed, steps)
     test = split.test_batches(256)
     metric = pair.metric
-    fold = calibration_batches(split, config)
+    fold = calibration_batches(split, config) if method in ("swap_fold_distill", "harden_learned_fold") else None
     if method in ("swap_ft", "swap_ft_distill", "swap_fold_distill"):
         model = relu_copy(gelu, include_gelu=True, example=split.x_test[:2],
-                          fold=fold if method == "swap_fold_distill" else None)
+                          fold=fold)
         teacher = Teacher(gelu) if method != "swap_ft" else None
         fit(model, split, config.train_config(), teacher=teacher,
             distill_weight=config.distill_weight if teacher else 0.0, desc=method, progress=False)
@@ -101,7 +101,7 @@ def _extra_run(method: str, pair: PairSpec, split, seed: int, steps: int, gelu: 
         convert(smooth)  # λ = 1: the GELU model itself
     with_fold = method == "harden_learned_fold"
     harden(smooth, split, dataclasses.replace(config, fold=with_fold), progress=False)
-    relu = relu_copy(smooth, example=split.x_test[:2], fold=fold if with_fold else None)
+    relu = relu_copy(smooth, example=split.x_test[:2], fold=fold)
     swap = disruption(smooth, relu, test)
     before = metric.score_parts(swap.accuracy_before, swap.loss_before)
     after = metric.score_parts(swap.accuracy_after, swap.loss_after)
@@ -228,7 +228,7 @@ def _targets(methods: dict[str, Any], metric) -> dict[str, Any]:
     gap = mean_std(ours["vs_gelu"])[0]
     drops = {k: max(0.0, mean_std(methods[k]["drop_at_swap"])[0]) for k in SWAPPING}  # a gain counts as no drop
     ours_final, ft_final = mean_std(ours["final"])[0], mean_std(methods["swap_ft"]["final"])[0]
-    baselines = tuple(k for k in BUDGETED if k not in OURS) + ("direct_swap",)
+    baselines = (*(k for k in BUDGETED if k not in OURS), "direct_swap")
     best_baseline = _best(methods, baselines, metric)
     ours_mean, ours_std = mean_std(ours["final"])
     base_mean, base_std = mean_std(methods[best_baseline]["final"])
@@ -278,9 +278,7 @@ def budget_table(rows: list[dict[str, Any]], pairs: list[PairSpec], ctx: StudyCo
     """The winner (best mean final metric over seeds) among the budgeted methods at each budget, per pair."""
     labels = dict(METHODS)
     table = []
-    budgets_seen: list[str] = []
     for pair in pairs:
-        extra = ctx.harden_steps(pair)
         by: dict[tuple[int, str], list[float]] = defaultdict(list)
         for row in rows:
             if row["pair"] == pair.name and row["method"] in BUDGETED:
@@ -294,11 +292,8 @@ def budget_table(rows: list[dict[str, Any]], pairs: list[PairSpec], ctx: StudyCo
                     best = method
             digits = 2 if pair.metric.name == "accuracy" else 3
             cells.append(f"{labels[best]} ({means[best]:.{digits}f})")
-            if len(budgets_seen) < len(cells):
-                budgets_seen.append(f"{budget / extra:g}·E" if budget else "0")
         table.append([pair.title, *cells])
-    width = max(len(r) for r in table) - 1 if table else 0
-    header = ["pair", *(budgets_seen + [""] * (width - len(budgets_seen)))[:width]]
+    header = ["pair", "0", *[f"{fraction:g}·E" for fraction in GRIDS[ctx.profile]]]
     return ("## Which method at which budget\n\nThe best ReLU model (mean final metric over seeds) at each "
             "extra-step budget, and its metric; figures/budget_curves.png has every method's curve.\n\n"
             + markdown_table(header, table) + "\n")
@@ -324,7 +319,8 @@ def report(summary: dict[str, Any], pairs: list[PairSpec], ctx: StudyContext, me
             m = s["methods"][key]
             rows.append([m["label"], m["extra_steps"], fmt_pm(m["final"], digits),
                          fmt_pm(m["vs_gelu"], 2, signed=True), fmt_pm(m["drop_at_swap"], 2, signed=True)
-                         if m["drop_at_swap"] else "–", _steps_text(m["steps_to_near"], extra)])
+                         if m["drop_at_swap"] else "–",
+                         _steps_text(m["steps_to_near"], round(max(GRIDS[ctx.profile]) * extra))])
         unit = "acc. %" if metric.name == "accuracy" else "bpc"
         worse = "points" if metric.name == "accuracy" else "% rel."
         parts.append(f"## {pair.title}\n\nS = {ctx.steps(pair)} training steps, E = {extra} extra steps.\n")
