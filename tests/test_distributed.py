@@ -3,7 +3,6 @@ global batch; λ is bitwise identical on both ranks, and only rank 0 writes file
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -62,14 +61,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_gloo_processes_equal_one_process(tmp_path, record_property):
-    context = mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
+def test_two_gloo_processes_equal_one_process(tmp_path, free_port, record_property):
+    context = mp.start_processes(_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=False,
                                  start_method="spawn")
     before = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -8,7 +8,6 @@ setting λ on the sharded parameters.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -83,14 +82,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_fully_shard_two_gloo_processes_equal_one_process(tmp_path):
-    context = mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
+def test_fully_shard_two_gloo_processes_equal_one_process(tmp_path, free_port):
+    context = mp.start_processes(_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=False,
                                  start_method="spawn")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
