@@ -285,14 +285,11 @@ def budget_table(rows: list[dict[str, Any]], pairs: list[PairSpec], ctx: StudyCo
             if row["pair"] == pair.name and row["method"] in BUDGETED:
                 by[(row["extra_steps"], row["method"])].append(row["final"])
         cells = []
+        digits = 2 if pair.metric.name == "accuracy" else 3
         for budget in sorted({b for b, _ in by}):
-            means = {m: mean_std(v)[0] for (b, m), v in by.items() if b == budget}
-            best = next(iter(means))
-            for method, value in means.items():
-                if pair.metric.better(value, means[best]):
-                    best = method
-            digits = 2 if pair.metric.name == "accuracy" else 3
-            cells.append(f"{labels[best]} ({means[best]:.{digits}f})")
+            finals = {m: {"final": v} for (b, m), v in by.items() if b == budget}
+            best = _best(finals, tuple(finals), pair.metric)
+            cells.append(f"{labels[best]} ({mean_std(finals[best]['final'])[0]:.{digits}f})")
         table.append([pair.title, *cells])
     header = ["pair", "0", *[f"{fraction:g}·E" for fraction in GRIDS[ctx.profile]]]
     return ("## Which method at which budget\n\nThe best ReLU model (mean final metric over seeds) at each "
