@@ -15,7 +15,7 @@ from lambda_gelu.studies import PAIRS, StudyContext, run_study
 from lambda_gelu.studies.common import ACCURACY, BPC, fmt_pm, trained
 from lambda_gelu.studies.dynamics import VARIANTS, LambdaProbe, NaiveLambdaGELU, attenuation, sign_change_share
 from lambda_gelu.studies.profiles import robustness, spearman
-from lambda_gelu.studies.relufy import METHODS
+from lambda_gelu.studies.relufy import BUDGETED, GRIDS, METHODS
 
 
 def _ctx(**kwargs) -> StudyContext:
@@ -24,11 +24,26 @@ def _ctx(**kwargs) -> StudyContext:
 
 @pytest.fixture(scope="module")
 def relufy_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("study") / "relufy"
+    root = tmp_path_factory.mktemp("study")
+    out = root / "relufy"
     code = main(["study", "relufy", "--tiny", "--pairs", "mlp_digits", "--seeds", "3", "--out", str(out),
-                 "--no-progress"])
+                 "--cache", str(root / "cache"), "--no-progress"])
     assert code == 0
     return out
+
+
+def test_relufy_resumes_run_by_run_from_its_cache(relufy_run):
+    cache = relufy_run.parent / "cache"
+    runs = sorted(p for p in cache.glob("relufy-*.json"))
+    # one cache unit per (method, budget) run: a stopped study loses at most the run it was in
+    assert len(runs) == len(BUDGETED) * len(GRIDS["tiny"])
+    runs[0].unlink()  # as if the study had stopped inside its last run
+    again = relufy_run.parent / "again"
+    assert main(["study", "relufy", "--tiny", "--pairs", "mlp_digits", "--seeds", "3", "--out", str(again),
+                 "--cache", str(cache), "--no-progress"]) == 0
+    assert (again / "runs.csv").read_text() == (relufy_run / "runs.csv").read_text()
+    counts = json.loads((again / "summary.json").read_text())["meta"]["cache"]
+    assert counts["computed"] == 1 and counts["loaded"] == len(runs) - 1 + 3  # the three trained models
 
 
 def test_relufy_writes_its_results_folder(relufy_run):

@@ -150,10 +150,17 @@ def run_pair_seed(pair: PairSpec, ctx: StudyContext, seed: int) -> list[dict[str
         after = metric.score_parts(swap.accuracy_after, swap.loss_after)
         rows.append(dict(base, method=method, extra_steps=0, start=start, before_swap=start, after_swap=after,
                          final=after, final_loss=swap.loss_after))
+    recipe = {"study": "relufy", "pair": pair.name, "seed": seed, "steps": steps, "extra": extra,
+              "test_limit": pair.test_limit.get(ctx.profile), "lr": pair.lr, "batch_size": pair.batch_size,
+              "harden": harden_config(pair, seed, 1).to_dict(), "model_kwargs": pair.model_kwargs(split, ctx.tiny)}
     for fraction in GRIDS[ctx.profile]:
         budget = max(1, round(fraction * extra))
         for method in BUDGETED:
-            result = _extra_run(method, pair, split, seed, budget, gelu, lam)
+            # each run is one unit of the cache, so that a stopped study resumes at the run it was in
+            result = cached(ctx, f"relufy-{pair.name}-seed{seed}-{method}-{budget}",
+                            dict(recipe, method=method, budget=budget),
+                            lambda method=method, budget=budget: _extra_run(method, pair, split, seed, budget,
+                                                                            gelu, lam))
             start = lam_score if method in OURS else gelu_score
             if method in ("swap_ft", "swap_ft_distill", "swap_fold_distill"):
                 swap = at_zero[zero_of[method]]
@@ -368,13 +375,7 @@ def run_relufy(out: str | Path, ctx: StudyContext, pairs: list[str] | None = Non
         rows: list[dict[str, Any]] = []
         for pair in specs:
             for seed in ctx.seeds:
-                recipe = {"study": "relufy", "pair": pair.name, "seed": seed, "steps": ctx.steps(pair),
-                          "extra": ctx.harden_steps(pair), "grid": GRIDS[ctx.profile],
-                          "test_limit": pair.test_limit.get(ctx.profile), "lr": pair.lr,
-                          "batch_size": pair.batch_size, "harden": harden_config(pair, seed, 1).to_dict(),
-                          "model_kwargs": pair.model_kwargs(ctx.split(pair), ctx.tiny)}
-                rows.extend(cached(ctx, f"relufy-{pair.name}-seed{seed}", recipe,
-                                        lambda pair=pair, seed=seed: run_pair_seed(pair, ctx, seed)))
+                rows.extend(run_pair_seed(pair, ctx, seed))
         summary = summarize(rows, specs, ctx)
         for pair in specs:
             plot_relufy_pair(summary[pair.name], pair, stage / "figures" / f"{pair.name}.png")
