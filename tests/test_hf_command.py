@@ -59,41 +59,73 @@ def run(argv: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_hf_feature_extraction_with_every_baseline(tmp_path, tokenizer_dir, sentences, capsys):
+def test_hf_best_runs_every_method_and_keeps_the_closest_on_validation(tmp_path, tokenizer_dir, sentences, capsys):
+    from lambda_gelu.integrations.hf_data import load_examples, split_held_out
+
     model_dir = save_tiny(tmp_path / "bert", tokenizer_dir)
     out = tmp_path / "relu"
     code, err = run(["hf", model_dir, "--data", sentences, "--out", out, "--steps", "3", "--batch-size", "16",
-                     "--baselines", "--no-progress"], capsys)
+                     "--method", "best", "--no-progress"], capsys)
     assert code == 0, err
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["task"] == "feature-extraction"
-    assert list(metrics["methods"]) == ["lambda-gelu", "lambda-gelu-fold", "direct-swap", "swap-distill",
-                                        "swap-fold-distill"]
-    assert metrics["methods"]["lambda-gelu-fold"]["verification"]["smooth_gates"] == []
+    selection = metrics["selection"]
+    # 150 examples: 15 held out for the report, 15 of the rest for choosing, 120 to train on
+    assert metrics["data"] == {"source": str(sentences), "train_examples": 120, "held_out_examples": 15,
+                               "validation_examples": 15}
+    assert sorted(metrics["methods"]) == sorted(selection["scores"]) and len(selection["scores"]) == 5
+    chosen = selection["chosen"]
+    assert next(iter(metrics["methods"])) == chosen and not (out / "baselines" / chosen).exists()
+    # an independent check with stock transformers: the folder is the closest on the validation examples
+    examples = load_examples(sentences, kind="text")
+    train, _held = split_held_out(examples, 0.1, 0)
+    _train, validation = split_held_out(train, 15 / 135, 1)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    batch = tokenizer(list(validation.texts), padding=True, truncation=True, max_length=128, return_tensors="pt")
+
+    def embed(folder: Path) -> torch.Tensor:
+        model = transformers.AutoModel.from_pretrained(folder).eval()
+        with torch.no_grad():
+            hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    reference = embed(model_dir)
+    folders = {chosen: out, **{name: out / "baselines" / name for name in metrics["methods"] if name != chosen}}
+    cosine = {name: float(torch.nn.functional.cosine_similarity(embed(folder), reference).mean())
+              for name, folder in folders.items()}
+    assert max(cosine, key=cosine.get) == chosen
+    for name, value in cosine.items():
+        assert value == pytest.approx(selection["scores"][name]["cosine_mean"], abs=1e-5), name
+    card = (out / "README.md").read_text()
+    assert "Chosen by `--method best`" in card and f"| {metrics['methods'][chosen]['label']} (this folder) |" in card
+    assert "| swap + affine fold + distillation" in card
+    assert (out / "tokenizer.json").exists()
     for name, row in metrics["methods"].items():
         assert 0.0 < row["cosine_mean"] <= 1.0 and 0.0 <= row["agreement_at_10"] <= 1.0, name
-    assert metrics["methods"]["direct-swap"]["extra_steps"] == 0
-    assert metrics["methods"]["lambda-gelu"]["extra_steps"] == 3
-    assert metrics["data"] == {"source": str(sentences), "train_examples": 135, "held_out_examples": 15}
+        assert row["extra_steps"] == (0 if name == "direct-swap" else 3), name
+        assert row.get("verification", metrics["verification"])["smooth_gates"] == [], name
     verification = metrics["verification"]
-    assert verification["lambda_gelu_imported"] is False and verification["smooth_gates"] == []
-    assert verification["max_abs_diff"] <= 1e-5
-    card = (out / "README.md").read_text()
-    assert "| lambda-gelu ReLU-ization (this folder) | 3 |" in card and "swap + affine fold + distillation" in card
-    assert (out / "hardness.png").stat().st_size > 0 and (out / "tokenizer.json").exists()
+    assert verification["lambda_gelu_imported"] is False and verification["max_abs_diff"] <= 1e-5
     # stock transformers loads it as ReLU; the same weights in a model built as ReLU by its own config agree
     stock = transformers.AutoModel.from_pretrained(out).eval()
     assert stock.config.hidden_act == "relu"
     reference = transformers.BertModel(transformers.BertConfig.from_pretrained(model_dir, hidden_act="relu")).eval()
     reference.load_state_dict(stock.state_dict())
-    batch = transformers.AutoTokenizer.from_pretrained(out)(["the king is dead", "long live the king"],
-                                                            padding=True, return_tensors="pt")
+    batch = tokenizer(["the king is dead", "long live the king"], padding=True, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(stock(**batch).last_hidden_state, reference(**batch).last_hidden_state)
     assert lg.assert_relu(stock, **batch)  # only the pooler's tanh is left, and it is no gate
-    for name in ("direct-swap", "swap-distill", "swap-fold-distill"):
-        baseline = transformers.AutoModel.from_pretrained(out / "baselines" / name)
-        lg.assert_relu(baseline, **batch)
+    for name in folders:
+        lg.assert_relu(transformers.AutoModel.from_pretrained(folders[name]), **batch)
+
+
+def test_hf_methods_run_the_one_asked_for_first_then_the_baselines():
+    from lambda_gelu.runs.hf import METHODS, HFConfig
+
+    assert HFConfig(method="swap-distill").methods == ["swap-distill"]
+    assert HFConfig(method="swap-distill", baselines=True).methods == [
+        "swap-distill", "lambda-gelu", "lambda-gelu-fold", "direct-swap", "swap-fold-distill"]
+    assert HFConfig(method="best").methods == list(METHODS)
 
 
 def test_hf_sequence_classification_reports_agreement_and_kl(tmp_path, tokenizer_dir, sentences, capsys):
@@ -167,6 +199,7 @@ def test_hf_on_the_packaged_minilm_end_to_end(tmp_path, tokenizer_dir, sentences
     assert all(layer["discrepancy_at_swap"] <= 1.05e-5 for layer in layers.values())  # every gate met τ
     assert metrics["verification"]["smooth_gates"] == [] and metrics["verification"]["max_abs_diff"] <= 1e-5
     assert os.path.getsize(out / "model.safetensors") > 80e6
+    assert (out / "hardness.png").stat().st_size > 0 and "![hardness](hardness.png)" in (out / "README.md").read_text()
 
 
 def test_hf_image_classification_on_a_folder_of_images(tmp_path, capsys, monkeypatch):

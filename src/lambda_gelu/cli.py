@@ -25,6 +25,7 @@ from lambda_gelu.outputs import check_writable, staged_dir
 from lambda_gelu.pipeline import harden, relu_copy
 from lambda_gelu.profile import HardnessRecorder, hardness, profile_table
 from lambda_gelu.resume import Checkpointer, TrainingInterrupted, graceful_stop, open_run_state
+from lambda_gelu.runs.hf import BEST as HF_BEST
 from lambda_gelu.runs.hf import METHODS as HF_METHODS
 from lambda_gelu.runs.hf import TASKS as HF_TASKS
 from lambda_gelu.runs.hf import HFConfig
@@ -136,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "saved by datasets, or a folder of images; a tenth is held out for the report")
     _add_output_args(hf, "output folder (a save_pretrained folder with the report as its README.md)")
     hf.add_argument("--task", choices=sorted(HF_TASKS), help="default: from the config's architectures")
-    hf.add_argument("--method", choices=HF_METHODS, default=HFConfig.method,
-                    help="lambda-gelu (default), or a baseline: direct-swap, swap-distill, swap-fold-distill")
+    hf.add_argument("--method", choices=(*HF_METHODS, HF_BEST), default=HFConfig.method,
+                    help="lambda-gelu (default), lambda-gelu-fold, a baseline (direct-swap, swap-distill, "
+                    "swap-fold-distill), or best: run them all and keep the one closest to the original on a "
+                    "validation split")
     hf.add_argument("--baselines", action="store_true",
                     help="also run every other method at the same budget; their folders go to OUT_DIR/baselines")
     hf.add_argument("--steps", type=_positive_int, default=HFConfig.steps, help="training steps of each trained method")
@@ -264,6 +267,10 @@ def _cmd_hf(args: argparse.Namespace, command: str) -> int:
     for row in metrics["methods"].values():
         shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith(("cosine_mean", "agreement", "kl")))
         print(f"{row['label']}: {shown} ({row['seconds']:.0f} s)")
+    if "selection" in metrics:
+        selection = metrics["selection"]
+        chosen = metrics["methods"][selection["chosen"]]["label"]
+        print(f"best on {selection['examples']} validation examples: {chosen}")
     print(f"-> {args.out}")
     return 0
 

@@ -9,7 +9,9 @@ The phases, each one call:
    smooth gate is one a module swap reaches, and the model's class rebuilds a
    ReLU model from a ReLU config (else the saved folder would be GELU again).
 3. **ReLU-ize** with the method asked for (:data:`METHODS`): the recipe
-   :func:`lambda_gelu.harden.reluize`, or a baseline at the same budget.
+   :func:`lambda_gelu.harden.reluize`, or a baseline at the same budget; or,
+   with ``best`` (:data:`BEST`), every method, keeping the one closest to the
+   original on validation examples that neither training nor the report sees.
 4. **Report** on the held-out tenth against the original model.
 5. **Save** a ``save_pretrained`` folder with the tokenizer or processor, a
    model card with the report, ``metrics.json``, the hardness plot; reload it
@@ -77,6 +79,8 @@ METHODS = ("lambda-gelu", "lambda-gelu-fold", "direct-swap", "swap-distill", "sw
 Linear that reads it, ``HardenConfig(fold=True)``) and the baselines: the swap alone, the swap then
 distillation, and the swap with each gate's affine fit folded into the Linear that reads it, then distillation."""
 RECIPES = ("lambda-gelu", "lambda-gelu-fold")
+BEST = "best"
+"""The ``--method`` that runs every method of :data:`METHODS` and keeps the winner on a validation split."""
 
 LABELS = {"lambda-gelu": "lambda-gelu ReLU-ization", "lambda-gelu-fold": "lambda-gelu + fold",
           "direct-swap": "direct swap GELU → ReLU",
@@ -109,15 +113,18 @@ class HFConfig:
     def __post_init__(self) -> None:
         if self.task is not None and self.task not in TASKS:
             raise HFUsageError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
-        if self.method not in METHODS:
-            raise HFUsageError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.method not in (*METHODS, BEST):
+            raise HFUsageError(f"unknown method {self.method!r}; choose from {', '.join((*METHODS, BEST))}")
         for name in ("steps", "batch_size", "max_length", "calibration_examples", "k"):
             if getattr(self, name) < 1:
                 raise HFUsageError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def methods(self) -> list[str]:
-        """The methods this run measures: the one asked for first, then (with ``baselines``) the others."""
+        """The methods this run measures: the one asked for first, then (with ``baselines``) the others; all of
+        them for ``best``."""
+        if self.method == BEST:
+            return list(METHODS)
         return [self.method] + ([m for m in METHODS if m != self.method] if self.baselines else [])
 
     def harden_config(self) -> HardenConfig:
@@ -212,7 +219,8 @@ def load_folder(path: str | Path, config: HFConfig) -> tuple[nn.Module, Any, str
 
 @dataclass
 class Data:
-    """The batches every method sees: training (cycled), calibration (the first ones), held-out."""
+    """The batches every method sees: training (cycled), calibration (the first ones), held-out; and, for
+    ``--method best``, the validation batches the winner is chosen on."""
 
     train: list[dict[str, torch.Tensor]]
     calibration: list[dict[str, torch.Tensor]]
@@ -220,19 +228,35 @@ class Data:
     train_examples: int
     held_out_examples: int
     source: str
+    validation: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    validation_examples: int = 0
 
 
 def make_data(path: str | Path, processor: Any, task: str, config: HFConfig) -> Data:
-    """Read ``path``, keep a held-out tenth, and batch both halves with the model's tokenizer or processor."""
+    """Read ``path``, keep a held-out tenth, and batch the parts with the model's tokenizer or processor.
+
+    For ``--method best`` a validation part as large as the held-out one is taken from the training part
+    (shuffled with the seed as well): the winner is chosen on it, so that the held-out report stays unbiased.
+    """
     examples = load_examples(path, kind=TASKS[task].data, text_field=config.text_field)
     train, held = split_held_out(examples, config.held_out_fraction, config.seed)
-    if task == "feature-extraction" and len(held) <= config.k:
-        raise HFUsageError(f"{path}: {len(held)} held-out examples, but agreement@{config.k} needs more than "
-                           f"{config.k}; give at least {10 * (config.k + 1)} examples")
+    validation = None
+    if config.method == BEST:
+        if len(train) < 2:
+            raise HFUsageError(f"{path}: {len(examples)} examples leave none to choose the best method on")
+        train, validation = split_held_out(train, min(0.5, len(held) / len(train)), config.seed + 1)
+    for part, what in ((held, "held-out"), (validation, "validation")):
+        if part is not None and task == "feature-extraction" and len(part) <= config.k:
+            need = (10 if what == "held-out" else 20) * (config.k + 1)
+            raise HFUsageError(f"{path}: {len(part)} {what} examples, but agreement@{config.k} needs more than "
+                               f"{config.k}; give at least {need} examples")
     batches = _batcher(processor, task, config)
     train_batches = batches(train)
     calibration = train_batches[: config.harden_config().calibration_batches]
-    return Data(train_batches, calibration, batches(held), len(train), len(held), str(path))
+    data = Data(train_batches, calibration, batches(held), len(train), len(held), str(path))
+    if validation is not None:
+        data.validation, data.validation_examples = batches(validation), len(validation)
+    return data
 
 
 def _batcher(processor: Any, task: str, config: HFConfig) -> Callable[[Examples], list[dict[str, torch.Tensor]]]:
@@ -522,7 +546,9 @@ def run_hf(model_dir: str | Path, data_path: str | Path, out: str | Path, config
     data = make_data(data_path, processor, task, config)
     checks = preflight(original, task, data.calibration[0])
     trained = [m for m in config.methods if m != "direct-swap"]
-    checkpointers = {m: open_run_state(out.with_name(f"{out.name}.{m}"), dict(run_args or {}, method=m),
+    # a method's run state is its own, but --method best trains on fewer examples (the validation split)
+    checkpointers = {m: open_run_state(out.with_name(f"{out.name}.{m}"),
+                                       dict(run_args or {}, method=m, validation_split=config.method == BEST),
                                        resume=resume, force=force) for m in trained}
     for name, checkpointer in checkpointers.items():
         if checkpointer.resume_state is not None:
@@ -533,16 +559,23 @@ def run_hf(model_dir: str | Path, data_path: str | Path, out: str | Path, config
         run = run_method(name, original, data, task, config, progress=progress, checkpointer=checkpointers.get(name))
         runs.append(run)
         scores[name] = held_out_scores(original, run.model, data.held_out, task, config.k)
+    selection = None
+    if config.method == BEST:
+        selection = choose_best(original, runs, data, task, config.k)
+        runs.sort(key=lambda run: run.name != selection["chosen"])  # the winner first: it fills the folder
     metrics: dict[str, Any] = {
         "command": command, "task": task, "model": str(model_dir), "model_class": type(original).__name__,
         "data": {"source": data.source, "train_examples": data.train_examples,
-                 "held_out_examples": data.held_out_examples},
+                 "held_out_examples": data.held_out_examples,
+                 **({"validation_examples": data.validation_examples} if selection else {})},
         "config": config.to_dict(), "gates": checks["gates"], "config_fields": checks["config_fields"],
         "methods": {run.name: {"label": LABELS[run.name], "extra_steps": run.extra_steps,
                                "seconds": round(run.seconds, 1), **scores[run.name],
                                "final_loss": _tail_mean(run.losses), **run.details} for run in runs},
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads()},
     }
+    if selection is not None:
+        metrics["selection"] = selection
     chosen = runs[0]
     with staged_dir(out, force=force) as stage:
         trust = config.trust_remote_code
@@ -580,6 +613,25 @@ def _tail_mean(losses: list[float], fraction: float = 0.1) -> float | None:
     return sum(tail) / len(tail)
 
 
+def choose_best(original: nn.Module, runs: Sequence[MethodRun], data: Data, task: str, k: int) -> dict[str, Any]:
+    """The run closest to ``original`` on the validation batches, by :func:`_ranking` (ties: the earlier run).
+
+    Returns ``{"chosen", "on", "examples", "metric", "scores"}`` (``scores``: every run's validation scores).
+    """
+    scores = {run.name: held_out_scores(original, run.model, data.validation, task, k) for run in runs}
+    rank = _ranking(task, k)
+    chosen = max(scores, key=lambda name: rank(scores[name]))  # max keeps the first of equal ones
+    return {"chosen": chosen, "on": "validation", "examples": data.validation_examples,
+            "metric": _score_columns(task, k)[0][0], "scores": scores}
+
+
+def _ranking(task: str, k: int) -> Callable[[dict[str, float]], tuple[float, float]]:
+    """Larger is closer to the original: the table's first column, then (to break ties) its next measure."""
+    if TASKS[task].kind == "embedding":
+        return lambda row: (row["cosine_mean"], row[f"agreement_at_{k}"])
+    return lambda row: (row["agreement"], -row["kl"])
+
+
 def _score_columns(task: str, k: int) -> list[tuple[str, str, str]]:
     if TASKS[task].kind == "embedding":
         return [("cosine_mean", "cosine to original (mean)", ".4f"), ("cosine_p05", "5th pct.", ".4f"),
@@ -610,10 +662,18 @@ def model_card(metrics: dict[str, Any], chosen: str) -> str:
         mark = " (this folder)" if name == chosen else f" (`baselines/{name}`)"
         cells = " | ".join(format(row[key], fmt) for key, _title, fmt in columns)
         lines.append(f"| {row['label']}{mark} | {row['extra_steps']} | {cells} | {row['seconds']:.0f} |")
-    best = _winner(metrics, columns[0][0])
-    lines += ["", f"Closest to the original on {columns[0][1]}: **{LABELS[best]}**."
-              + ("" if best == chosen else f" This folder holds {LABELS[chosen]}; the winner is in "
+    rank = _ranking(task, config["k"])
+    best = max(metrics["methods"], key=lambda name: rank(metrics["methods"][name]))
+    lines += ["", f"Closest to the original on these held-out examples: **{LABELS[best]}**."
+              + ("" if best == chosen else f" This folder holds {LABELS[chosen]}; the held-out winner is in "
                  f"`baselines/{best}`."), ""]
+    if "selection" in metrics:
+        selection = metrics["selection"]
+        cells = ", ".join(f"{LABELS[name]} {row[selection['metric']]:.4g}"
+                          for name, row in selection["scores"].items())
+        lines += [f"Chosen by `--method best`: the method closest to the original on {selection['examples']} "
+                  f"validation examples, kept apart from training and from the table above "
+                  f"({selection['metric']}: {cells}).", ""]
     lam = metrics["methods"].get(chosen if chosen in RECIPES else "lambda-gelu")
     if lam is not None and "layers" in lam:
         lines += ["## Hardness profile", "", "λ* each gate reached before the swap "
@@ -648,9 +708,3 @@ def _model_name(path: str) -> str:
     """A folder's name for a title; a generic last part ("model") takes its parent's name too."""
     parts = Path(path).resolve().parts
     return "/".join(parts[-2:]) if parts and parts[-1] in ("model", "models", "checkpoint") else parts[-1]
-
-
-def _winner(metrics: dict[str, Any], key: str) -> str:
-    rows = metrics["methods"]
-    lower_better = key in ("kl", "loss_vs_original")
-    return (min if lower_better else max)(rows, key=lambda name: rows[name][key])

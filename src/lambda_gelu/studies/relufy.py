@@ -77,7 +77,7 @@ BUDGETED = ("swap_ft", "swap_ft_distill", "swap_fold_distill", "harden_fixed", "
             "harden_learned_fold")
 OURS = ("harden_learned", "harden_learned_fold")
 """lambda-gelu's recipes, which start from the λ-GELU model; the others are baselines that start from the GELU model."""
-GRIDS = {"tiny": (1.0,), "quick": (0.25, 1.0), "full": (0.25, 0.5, 1.0, 2.0)}
+GRIDS = {"tiny": (1.0,), "quick": (1.0,), "full": (0.25, 0.5, 1.0, 2.0)}
 """Fractions of the extra-step budget E at which each budgeted method is run."""
 
 
