@@ -330,14 +330,16 @@ def test_reluize_with_fold_proves_relu_and_changes_less_at_the_swap():
 # ---------------------------------------------------------------- resume
 
 
-def test_reluize_on_a_shuffling_dataloader_stopped_by_a_signal_resumes_bitwise(tmp_path):
+@pytest.mark.parametrize("fold", [False, True])
+def test_reluize_on_a_shuffling_dataloader_stopped_by_a_signal_resumes_bitwise(tmp_path, fold):
     import os
     import signal
 
+    from lambda_gelu.checkpoint import CheckpointError
     from lambda_gelu.resume import Checkpointer, TrainingInterrupted
 
     loader = DataLoader(TensorDataset(X, Y), batch_size=64, shuffle=True)
-    config = HardenConfig(steps=24, retarget_every=5, lr=3e-3, calibration_batches=2)
+    config = HardenConfig(steps=24, retarget_every=5, lr=3e-3, calibration_batches=2, fold=fold)
     reference = gelu_mlp()
     reluize(reference, loader, config=config, progress=False)
 
@@ -354,6 +356,10 @@ def test_reluize_on_a_shuffling_dataloader_stopped_by_a_signal_resumes_bitwise(t
     with pytest.raises(TrainingInterrupted):
         reluize(model, loader, config=config, progress=False, checkpointer=Checkpointer(tmp_path))
     handle.remove()
+    # the saved weights hold the folds made so far (or none): the other setting cannot continue them
+    with pytest.raises(CheckpointError, match=f"fold={fold}, this run has fold={not fold}"):
+        reluize(gelu_mlp(), loader, config=dataclasses.replace(config, fold=not fold), progress=False,
+                checkpointer=Checkpointer(tmp_path, resume=True))
     resumed = gelu_mlp()
     result = reluize(resumed, loader, config=config, progress=False,
                      checkpointer=Checkpointer(tmp_path, resume=True))

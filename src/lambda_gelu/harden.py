@@ -255,6 +255,7 @@ def reluize(
                                shape=config.shape, retarget_every=config.retarget_every, forward=output_fn,
                                targets=saved["target"] if saved else None)
     tracking = TrackingFold(model, sole_linear_readers(model, calibration[:1], output_fn)) if config.fold else None
+    hardener.folding = tracking is not None
     first_targets = {name: value.clone() for name, value in hardener.target.items()}
     stream = batches if isinstance(batches, BatchStream) else BatchStream.of_batches(batches, config.seed)
     try:

@@ -312,6 +312,9 @@ class _Run:
             if set(hardener_state["target"]) != set(self.hardener.layers):
                 raise CheckpointError(f"{path}: hardens layers {sorted(hardener_state['target'])}, "
                                       f"this run hardens {sorted(self.hardener.layers)}")
+            if bool(hardener_state.get("folding", False)) != self.hardener.folding:
+                raise CheckpointError(f"{path}: saved by a run with fold={bool(hardener_state.get('folding'))}, "
+                                      f"this run has fold={self.hardener.folding}; resume with the same settings")
             self.hardener.load_state_dict(hardener_state)
         if self.teacher is not None:
             if "teacher" not in body:
