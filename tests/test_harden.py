@@ -258,17 +258,23 @@ def test_affine_fold_is_exact_for_the_fit_and_beats_the_plain_swap():
     assert lg.assert_relu(folded, inputs[:2]) == []
 
 
-@pytest.mark.parametrize("per_channel", [False, True])
-def test_tracking_fold_keeps_each_channel_mean_against_a_hand_computed_shift(per_channel):
+@pytest.mark.parametrize("layout", ["per-layer", "per-channel", "channel dim 1 of 2-D", "channel dim 1 of 3-D"])
+def test_tracking_fold_keeps_each_channel_mean_against_a_hand_computed_shift(layout):
     """A change of λ, folded in the forward pass that sees it: the reader's output mean over the batch is what it
     was before the change, and its bias moved by W·E[f(x; λ_old) − f(x; λ_new)], computed here by hand."""
     torch.manual_seed(0)
-    gate = lg.LambdaGELU(init=1.5, num_channels=16 if per_channel else None)
-    model = nn.Sequential(nn.Linear(6, 16), gate, nn.Linear(16, 3))
-    inputs = torch.randn(300, 6, generator=GEN)
+    channels = None if layout == "per-layer" else 16
+    gate = lg.LambdaGELU(init=1.5, num_channels=channels, channel_dim=1 if "dim 1" in layout else -1)
+    if layout == "channel dim 1 of 3-D":  # (N, 16 channels, 5): λ along dim 1, the reader reads dim 2
+        model = nn.Sequential(nn.Unflatten(1, (16, 5)), gate, nn.Linear(5, 3))
+        inputs = torch.randn(300, 80, generator=GEN)
+    else:
+        model = nn.Sequential(nn.Linear(6, 16), gate, nn.Linear(16, 3))
+        inputs = torch.randn(300, 6, generator=GEN)
     with torch.no_grad():
         pre, before = model[0](inputs).double(), model(inputs).double()
-    new = torch.linspace(2.0, 9.0, 16) if per_channel else torch.tensor(4.0)
+    new = torch.tensor(4.0) if channels is None else torch.linspace(2.0, 9.0, 16)
+    old_view, new_view = torch.tensor(1.5), new.double() if pre.ndim == 2 else new.double().reshape(16, 1)
     tracking = TrackingFold(model, sole_linear_readers(model, [inputs], default_forward))
     assert set(tracking.readers) == {"1"}
     weight, bias = model[2].weight.detach().double().clone(), model[2].bias.detach().double().clone()
@@ -278,9 +284,11 @@ def test_tracking_fold_keeps_each_channel_mean_against_a_hand_computed_shift(per
         again = model(inputs).double()  # λ did not move since: nothing more is folded
     assert tracking.folds == 1
     torch.testing.assert_close(again, after, atol=0, rtol=0)
-    torch.testing.assert_close(after.mean(0), before.mean(0), atol=1e-5, rtol=0)
-    shift = (pre * 0.5 * torch.erfc(-1.5 * pre / math.sqrt(2))
-             - pre * 0.5 * torch.erfc(-new.double() * pre / math.sqrt(2))).mean(0)
+    # the mean of each of the reader's outputs over the batch (and, for 3-D, over the gate's channels too)
+    torch.testing.assert_close(after.flatten(0, -2).mean(0), before.flatten(0, -2).mean(0), atol=1e-5, rtol=0)
+    change = (pre * 0.5 * torch.erfc(-old_view * pre / math.sqrt(2))
+              - pre * 0.5 * torch.erfc(-new_view * pre / math.sqrt(2)))
+    shift = change.reshape(-1, change.shape[-1]).mean(0)  # per input feature of the reader
     torch.testing.assert_close(model[2].weight.detach().double(), weight, atol=0, rtol=0)  # the mean only
     torch.testing.assert_close(model[2].bias.detach().double(), bias + weight @ shift, atol=1e-5, rtol=1e-5)
     tracking.remove()

@@ -44,7 +44,7 @@ from lambda_gelu.batches import model_device, move_to
 from lambda_gelu.convert import relufy
 from lambda_gelu.gates import activation_layers, layer_approximation, materialize_function_gates, preserved_modes
 from lambda_gelu.module import LambdaGELU
-from lambda_gelu.ops import lambda_gelu
+from lambda_gelu.ops import channel_view, lambda_gelu
 
 Run = Callable[[nn.Module, Any], Any]
 
@@ -190,9 +190,11 @@ class TrackingFold:
     that finds λ moved fits the change of each channel's mean,
     b = E[f(x; λ_old) − f(x; λ_new)], on (at most :attr:`MAX_ROWS` rows of)
     that pass's inputs x, and folds it into the reader (β ← β + W·b) before
-    the reader runs, so the layer after the gate sees, per channel, the mean it
-    saw before the change. Under torch.distributed the sums are added over
-    ranks, so every rank folds the same b. Layers without a sole Linear reader
+    the reader runs, so the layer after the gate sees, per input feature, the
+    mean it saw before the change (a per-channel λ along another dim than the
+    reader's, such as dim 1 of (N, C, L), is applied in place and averaged
+    over). Under torch.distributed the sums are added over ranks, so every
+    rank folds the same b. Layers without a sole Linear reader
     (:func:`sole_linear_readers`) are not tracked (:attr:`readers` holds the
     tracked ones, :attr:`folds` counts the folds). FSDP-sharded readers are
     refused: the fold would reach only the gathered copy.
@@ -202,9 +204,7 @@ class TrackingFold:
 
     def __init__(self, model: nn.Module, readers: dict[str, nn.Linear]) -> None:
         layers = {name: m for name, m in model.named_modules() if isinstance(m, LambdaGELU)}
-        self.readers = {name: linear for name, linear in readers.items()  # a per-channel λ must lie along the
-                        if name in layers and (layers[name].num_channels is None  # reader's input dim (the last)
-                                               or layers[name].channel_dim == -1)}
+        self.readers = {name: linear for name, linear in readers.items() if name in layers}
         sharded = [name for name, linear in self.readers.items() if distributed.is_sharded(linear.weight)]
         if sharded:
             raise ValueError(f"cannot fold into FSDP-sharded readers of {sharded}; harden without fold")
@@ -227,15 +227,20 @@ class TrackingFold:
             if torch.equal(new, old):
                 return
             x = inputs[0].detach()
-            x = x.reshape(-1, x.shape[-1])[: self.MAX_ROWS].double()
+            if module.num_channels is None or module.channel_dim % x.ndim == x.ndim - 1:
+                x = x.reshape(-1, x.shape[-1])[: self.MAX_ROWS].double()  # λ broadcasts along the rows as it is
+            else:  # λ along another dim than the one the reader reads: whole leading slices, λ in place
+                per_slice = max(1, x.numel() // max(1, x.shape[0] * x.shape[-1]))
+                x = x[: max(1, self.MAX_ROWS // per_slice)].double()
+                old, new = (channel_view(v, x.ndim, module.channel_dim) for v in (old, new))
             approximate = layer_approximation(module)
-            shift = (lambda_gelu(x, old.to(x.device), approximate)
-                     - lambda_gelu(x, new.to(x.device), approximate)).sum(0)
-            rows = torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device)
+            change = lambda_gelu(x, old.to(x.device), approximate) - lambda_gelu(x, new.to(x.device), approximate)
+            shift = change.reshape(-1, x.shape[-1]).sum(0)  # per input feature of the reader
+            rows = torch.tensor([float(change.numel() // x.shape[-1])], dtype=torch.float64, device=x.device)
             if distributed.is_active():
                 shift, rows = distributed.sum_all(shift), distributed.sum_all(rows)
             fold_affine_(self.readers[name], torch.ones_like(shift), shift / rows)
-            self.folded_at[name] = new
+            self.folded_at[name] = module.lam.double()
             self.folds += 1
 
         return hook
