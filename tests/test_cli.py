@@ -118,6 +118,27 @@ def test_train_harden_relufy_profile_chain(tmp_path: Path, capsys: pytest.Captur
     assert (tmp_path / "prof/profile.png").is_file() and (tmp_path / "prof/gates.png").is_file()
 
 
+def test_harden_and_relufy_with_fold_match_the_library(tmp_path: Path) -> None:
+    """`harden --fold` records the fold and `relufy --fold` writes the model that relu_copy(fold=...) makes."""
+    from lambda_gelu.data import load_dataset
+    from lambda_gelu.harden import HardenConfig
+    from lambda_gelu.pipeline import calibration_batches, relu_copy
+
+    lam_ckpt, hard_ckpt, relu_ckpt = tmp_path / "lam.st", tmp_path / "hard.st", tmp_path / "relu.st"
+    assert main(["train", "--out", str(lam_ckpt), "--steps", "30", "--hidden", "16", "--no-progress"]) == 0
+    assert main(["harden", str(lam_ckpt), "--out", str(hard_ckpt), "--steps", "10", "--fold", "--no-progress"]) == 0
+    hardened, header = load_checkpoint(hard_ckpt)
+    assert header["metadata"]["harden"]["fold"] is True
+    assert main(["relufy", str(hard_ckpt), "--out", str(relu_ckpt), "--fold"]) == 0
+    written, _ = load_checkpoint(relu_ckpt)
+    split = load_dataset(header["metadata"]["dataset"], seed=int(header["metadata"].get("data_seed", 0)))
+    expected = relu_copy(hardened, fold=calibration_batches(split, HardenConfig()))
+    plain = relu_copy(hardened)
+    want, got = expected.state_dict(), written.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert not torch.equal(plain.head.bias, written.head.bias)  # the gate's fit went into the head's bias
+
+
 @pytest.fixture(scope="module")
 def gelu_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "gelu.safetensors"

@@ -22,7 +22,7 @@ from lambda_gelu.harden import HardenConfig
 from lambda_gelu.metrics import disruption, evaluate
 from lambda_gelu.models import ACTIVATIONS, MODELS, build_model, model_kwargs_for
 from lambda_gelu.outputs import check_writable, staged_dir
-from lambda_gelu.pipeline import harden, relu_copy
+from lambda_gelu.pipeline import calibration_batches, harden, relu_copy
 from lambda_gelu.profile import HardnessRecorder, hardness, profile_table
 from lambda_gelu.resume import Checkpointer, TrainingInterrupted, graceful_stop, open_run_state
 from lambda_gelu.runs.hf import BEST as HF_BEST
@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     hard.add_argument("--distill-weight", type=_fraction, default=HardenConfig.distill_weight)
     hard.add_argument("--lr", type=_positive_float, default=HardenConfig.lr)
     hard.add_argument("--seed", type=int, default=HardenConfig.seed)
+    hard.add_argument("--fold", action="store_true",
+                      help="fold every change of a gate's mean into the Linear that reads it (bias correction)")
     hard.add_argument("--no-progress", action="store_true")
     _add_resume_args(hard)
 
@@ -205,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(relu, "ReLU checkpoint file")
     _add_data_args(relu, from_checkpoint=True)
     relu.add_argument("--include-gelu", action="store_true", help="also swap plain GELU (the direct-swap baseline)")
+    relu.add_argument("--fold", action="store_true",
+                      help="fold each gate's per-channel fit GELU ≈ a·ReLU + b, on calibration batches of the "
+                      "training data, into the Linear that reads it (swaps GELU too)")
     relu.add_argument("--onnx", help="also export the ReLU model to this ONNX file")
 
     prof = sub.add_parser("profile", help="print (and plot) the hardness profile of a checkpoint")
@@ -332,7 +337,7 @@ def _cmd_harden(args: argparse.Namespace, command: str) -> int:
     checkpointer = _run_state(args, out)
     split = _split_for(args, header)
     config = HardenConfig(steps=args.steps, tau=args.tau, shape=args.shape, distill_weight=args.distill_weight,
-                          lr=args.lr, seed=args.seed)
+                          lr=args.lr, seed=args.seed, fold=args.fold)
     before = evaluate(model, split.test_batches())
     stats = FitStats()
     with graceful_stop():
@@ -362,7 +367,8 @@ def _cmd_relufy(args: argparse.Namespace, command: str) -> int:
         check_writable(args.onnx, args.force)
     model, header = load_checkpoint(args.checkpoint)
     split = _split_for(args, header)
-    relu_model = relu_copy(model, include_gelu=args.include_gelu, example=split.x_test[:2])
+    fold = calibration_batches(split, HardenConfig()) if args.fold else None
+    relu_model = relu_copy(model, include_gelu=args.include_gelu, example=split.x_test[:2], fold=fold)
     report = disruption(model, relu_model, split.test_batches())
     meta = dict(header.get("metadata", {}), relufy=report.to_dict(), command=command,
                 test_accuracy=report.accuracy_after)
