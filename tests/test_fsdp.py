@@ -8,6 +8,7 @@ setting λ on the sharded parameters.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from lambda_gelu import LambdaGELU, convert, param_groups
+from lambda_gelu import LambdaGELU, convert, param_groups, reluize
 from lambda_gelu.data import load_dataset
+from lambda_gelu.harden import HardenConfig
 from lambda_gelu.models import build_model
+from lambda_gelu.resume import Checkpointer
 from lambda_gelu.schedule import Hardener
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -108,3 +111,72 @@ def test_fully_shard_two_gloo_processes_equal_one_process(tmp_path, free_port):
     torch.testing.assert_close(ranks[0]["lams"], lams, rtol=1e-5, atol=0)
     for key, value in single["state"].items():
         torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+# ---------------------------------------------------------------- reluize on a sharded model
+
+RELUIZE = HardenConfig(steps=12, retarget_every=4, calibration_batches=2, calibration_batch_size=64, lr=3e-3)
+
+
+def _reluize(rank: int, world: int, folder: str | None = None) -> dict[str, object]:
+    """lg.reluize on the MLP, sharded by fully_shard on ``world`` > 1 ranks with a sharded teacher beside it."""
+    split = load_dataset("digits")
+    model, teacher = _model(), _model()
+    teacher = None if world == 1 else teacher
+    if world > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        for module in (model, teacher):
+            for block in module.blocks:
+                fully_shard(block)
+            fully_shard(module)
+    batches = [(split.x_train[i:i + 64], split.y_train[i:i + 64]) for i in range(0, 640, 64)]
+    if folder is not None:  # a resumable run state cannot hold a sharded model: refused before any work
+        with pytest.raises(ValueError, match="FSDP"):
+            reluize(model, batches, loss="kl", teacher=teacher, config=RELUIZE, progress=False,
+                    checkpointer=Checkpointer(Path(folder) / f"states-{rank}"))
+        with pytest.raises(ValueError, match="FSDP-sharded"):
+            reluize(model, batches, loss="kl", teacher=teacher, config=dataclasses.replace(RELUIZE, fold=True),
+                    progress=False)
+    result = reluize(model, batches, loss="kl", teacher=teacher, config=RELUIZE, progress=False)
+    if world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = model.state_dict()
+    return {"state": state, "losses": torch.tensor(result.losses, dtype=torch.float64),
+            "targets": {k: v.double() for k, v in result.targets.items()}, "swapped": result.swapped,
+            "relu": [type(m).__name__ for m in model.modules()].count("ReLU")}
+
+
+def _reluize_worker(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.save(_reluize(rank, world, out), Path(out) / f"reluize-rank{rank}.pt")  # each rank reports back
+    finally:
+        dist.destroy_process_group()
+
+
+def test_reluize_on_a_fully_sharded_model_equals_one_process(tmp_path, free_port):
+    context = mp.start_processes(_reluize_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=False,
+                                 start_method="spawn")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = _reluize(0, 1)
+    finally:
+        torch.set_num_threads(before)
+    while not context.join(timeout=300):
+        pass
+    ranks = [torch.load(tmp_path / f"reluize-rank{r}.pt", weights_only=True) for r in range(2)]
+    assert single["swapped"] == ranks[0]["swapped"] == ["blocks.0.act", "blocks.1.act"]
+    assert single["relu"] == ranks[0]["relu"] == ranks[1]["relu"] == 2
+    assert torch.equal(ranks[0]["losses"], ranks[1]["losses"])
+    torch.testing.assert_close(ranks[0]["losses"], single["losses"], rtol=1e-4, atol=1e-7)
+    for name, target in single["targets"].items():  # calibrated on each rank's rows, gathered: the same λ*
+        torch.testing.assert_close(ranks[0]["targets"][name], target, rtol=1e-4, atol=0)
+    for key, value in single["state"].items():
+        torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert not list(tmp_path.glob("states-*"))

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lambda_gelu import distributed
 from lambda_gelu.gates import preserved_modes
 from lambda_gelu.losses import LOSSES, NEEDS_TEACHER, OUTPUTS, LossFn, OutputFn, cross_entropy, kl, logits
 
@@ -28,10 +29,17 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 
 class Teacher:
-    """A frozen copy of a model, taken now, run on a batch with the student's output function."""
+    """A frozen copy of a model, taken now, run on a batch with the student's output function.
 
-    def __init__(self, model: nn.Module, output: OutputFn = logits) -> None:
-        self.model = frozen_copy(model)
+    With ``copy=False`` the model itself is the teacher (frozen in place): for a model that cannot be deep-copied,
+    such as one sharded by FSDP2's ``fully_shard``, whose teacher the user loads and shards as the student.
+    """
+
+    def __init__(self, model: nn.Module, output: OutputFn = logits, copy: bool = True) -> None:
+        if copy and any(distributed.is_sharded(p) for p in model.parameters()):
+            raise ValueError("an FSDP-sharded model cannot be copied to be its own teacher; pass teacher= (the "
+                             "original model, sharded the same way)")
+        self.model = frozen_copy(model) if copy else model.eval().requires_grad_(False)
         self.output = output
 
     @torch.no_grad()
@@ -89,20 +97,25 @@ def distilled_cross_entropy(distill_weight: float) -> tuple[tuple[float, LossFn]
 
 
 def make_objective(
-    model: nn.Module, loss: str = "cross-entropy", output: str | OutputFn = "logits", distill_weight: float = 0.0
+    model: nn.Module, loss: str = "cross-entropy", output: str | OutputFn = "logits", distill_weight: float = 0.0,
+    teacher: nn.Module | None = None,
 ) -> Objective:
     """The objective of a built-in loss, with a frozen copy of ``model`` (taken now) as teacher where it needs one.
 
     ``loss`` is a name from :data:`lambda_gelu.losses.LOSSES`; with
     ``loss="cross-entropy"`` and ``distill_weight`` w > 0 the objective is
-    (1 − w)·CE + w·KL(teacher ‖ model).
+    (1 − w)·CE + w·KL(teacher ‖ model). ``teacher`` (a model of the same
+    outputs, frozen in place, not copied) replaces the copy: for FSDP-sharded
+    models, which cannot be copied.
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose from {sorted(LOSSES)}")
     if not 0.0 <= distill_weight <= 1.0:
         raise ValueError(f"distill_weight must be in [0, 1], got {distill_weight}")
     output_fn = OUTPUTS[output] if isinstance(output, str) else output
+    needs_teacher = loss in NEEDS_TEACHER or (loss == "cross-entropy" and distill_weight > 0)
+    frozen = (Teacher(model if teacher is None else teacher, output_fn, copy=teacher is None) if needs_teacher
+              else None)
     if loss == "cross-entropy" and distill_weight > 0:
-        return Objective(output_fn, distilled_cross_entropy(distill_weight), Teacher(model, output_fn))
-    teacher = Teacher(model, output_fn) if loss in NEEDS_TEACHER else None
-    return Objective(output_fn, ((1.0, LOSSES[loss]),), teacher)
+        return Objective(output_fn, distilled_cross_entropy(distill_weight), frozen)
+    return Objective(output_fn, ((1.0, LOSSES[loss]),), frozen)

@@ -109,9 +109,31 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def reshard(model: nn.Module) -> bool:
+    """Put every FSDP2 module of ``model`` back to its sharded parameters; True if the model is FSDP-sharded.
+
+    A forward pass outside training (calibration) can leave the root module's parameters unsharded, and an
+    optimizer built then would hold tensors that FSDP frees after the next backward.
+    """
+    module = sys.modules.get("torch.distributed.fsdp")
+    fsdp_module = getattr(module, "FSDPModule", None)
+    if fsdp_module is None:
+        return False
+    found = False
+    for submodule in model.modules():
+        if isinstance(submodule, fsdp_module):
+            submodule.reshard()
+            found = True
+    return found
+
+
 def wrap(model: nn.Module) -> nn.Module:
-    """``model`` wrapped in DistributedDataParallel when distributed, else ``model`` itself."""
-    if not is_active():
+    """``model`` wrapped in DistributedDataParallel when distributed, else ``model`` itself.
+
+    A model sharded by FSDP2's ``fully_shard`` is returned as it is: FSDP already averages its gradients over
+    the ranks, as DDP would.
+    """
+    if not is_active() or any(is_sharded(p) for p in model.parameters()):
         return model
     device = next(model.parameters()).device
     device_ids = [device.index] if device.type == "cuda" else None

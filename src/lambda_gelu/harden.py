@@ -188,6 +188,7 @@ def reluize(
     output: str | OutputFn = "logits",
     loss: str = "cross-entropy",
     objective: Objective | None = None,
+    teacher: nn.Module | None = None,
     config: HardenConfig | None = None,
     calibration: Iterable[Any] | None = None,
     per_channel: bool = False,
@@ -225,8 +226,17 @@ def reluize(
     ``loss`` names a built-in loss (``kl``, ``cosine`` and ``mse`` compare
     with a frozen copy of the model taken before any change; ``cross-entropy``
     reads the batch's labels, mixed with KL to that copy by
-    ``config.distill_weight``, 0.5 by default); ``objective`` replaces it. The model's train/eval mode is preserved:
-    every submodule leaves in the mode it came in.
+    ``config.distill_weight``, 0.5 by default); ``objective`` replaces it.
+    ``teacher`` replaces the frozen copy with a model given (frozen in place).
+    The model's train/eval mode is preserved: every submodule leaves in the
+    mode it came in.
+
+    **FSDP2.** Under torch.distributed, a model already converted (λ-GELU
+    layers in place) and sharded by ``fully_shard`` is trained as FSDP shards
+    it (no DDP wrapper), each rank on its share of every batch. A sharded
+    model cannot be deep-copied: pass the original, sharded the same way, as
+    ``teacher``. Resumable run states and ``config.fold`` are refused for a
+    sharded model.
     """
     config = config or HardenConfig()
     output_fn = OUTPUTS[output] if isinstance(output, str) else output
@@ -246,7 +256,7 @@ def reluize(
         return output_fn(m, move_to(calibration[0], device))
 
     if objective is None:
-        objective = make_objective(model, loss, output_fn, config.distill_weight)
+        objective = make_objective(model, loss, output_fn, config.distill_weight, teacher=teacher)
     channels = channel_counts(model, probe) if per_channel and _has_gelu_modules(model) else None
     converted = convert(model, example=probe, num_channels=channels, check_functional=False)
     resumed = checkpointer.resume_state if checkpointer is not None else None

@@ -236,8 +236,19 @@ _END = object()
 
 
 def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
-    """True if every element of every tensor is finite (one reduction per tensor, one sync)."""
+    """True if every element of every tensor is finite (one reduction per tensor, one sync).
+
+    FSDP-sharded tensors are checked on this rank's shard, and the answer is agreed over the ranks, so that
+    every rank takes (or skips) the same step.
+    """
     present = [t.detach() for t in tensors if t is not None]
+    if any(distributed.is_sharded(t) for t in present):
+        local = [t.to_local() if distributed.is_sharded(t) else t for t in present]
+        return not distributed.any_rank(not _all_finite_here([t for t in local if t.numel()]))
+    return _all_finite_here(present)
+
+
+def _all_finite_here(present: list[torch.Tensor]) -> bool:
     if not present:
         return True
     try:
@@ -369,6 +380,9 @@ def train_loop(
     stats = FitStats() if stats is None else stats
     device = model_device(model)
     torch.manual_seed(config.seed)
+    if distributed.reshard(model) and checkpointer is not None:  # the optimizer must hold the sharded parameters
+        raise ValueError("resumable run states of an FSDP-sharded model are not supported; run without a "
+                         "checkpointer (or with DDP)")
     optimizer = make_optimizer(model, config, optimizer_groups)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     scaler = torch.amp.GradScaler(device.type) if config.amp_dtype == "float16" else None
