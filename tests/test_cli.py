@@ -129,6 +129,10 @@ def test_harden_and_relufy_with_fold_match_the_library(tmp_path: Path) -> None:
     assert main(["harden", str(lam_ckpt), "--out", str(hard_ckpt), "--steps", "10", "--fold", "--no-progress"]) == 0
     hardened, header = load_checkpoint(hard_ckpt)
     assert header["metadata"]["harden"]["fold"] is True
+    unfolded = tmp_path / "hard-unfolded.st"
+    assert main(["harden", str(lam_ckpt), "--out", str(unfolded), "--steps", "10", "--no-progress"]) == 0
+    # every change of λ moved the head's bias; the same run without --fold leaves it to the training alone
+    assert not torch.allclose(load_checkpoint(unfolded)[0].head.bias, hardened.head.bias, atol=1e-4)
     assert main(["relufy", str(hard_ckpt), "--out", str(relu_ckpt), "--fold"]) == 0
     written, _ = load_checkpoint(relu_ckpt)
     split = load_dataset(header["metadata"]["dataset"], seed=int(header["metadata"].get("data_seed", 0)))

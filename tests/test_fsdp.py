@@ -138,6 +138,17 @@ def _reluize(rank: int, world: int, folder: str | None = None) -> dict[str, obje
         with pytest.raises(ValueError, match="FSDP-sharded"):
             reluize(model, batches, loss="kl", teacher=teacher, config=dataclasses.replace(RELUIZE, fold=True),
                     progress=False)
+        assert all(p.requires_grad for p in model.parameters())  # refused before anything changed
+        with pytest.raises(ValueError, match="cannot be copied"):  # a sharded model is not its own teacher
+            reluize(model, batches, loss="kl", config=RELUIZE, progress=False)
+        from torch.distributed.fsdp import fully_shard
+
+        part = _model()
+        for block in part.blocks:  # the root (the head) left out: its gradient would not be averaged
+            fully_shard(block)
+        with pytest.raises(ValueError, match="only in part"):
+            reluize(part, batches, loss="cross-entropy", config=dataclasses.replace(RELUIZE, distill_weight=0.0),
+                    progress=False)
     result = reluize(model, batches, loss="kl", teacher=teacher, config=RELUIZE, progress=False)
     if world > 1:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -316,6 +316,29 @@ def test_fold_readers_are_only_exact_ones():
     assert list(sole_linear_readers(plain, [torch.randn(4, 6)], default_forward)) == ["1"]
 
 
+def test_a_given_teacher_is_the_one_the_loss_compares_with():
+    """teacher= replaces the frozen copy (and is used as it is, frozen in place); a teacher nothing would read,
+    or the model being hardened itself, is refused before anything changes."""
+    config = HardenConfig(steps=6, lr=3e-3, calibration_batches=1)
+    batches = [(X[i:i + 64], Y[i:i + 64]) for i in range(0, 256, 64)]
+    copied, given = gelu_mlp(), gelu_mlp()
+    teacher = gelu_mlp()
+    reluize(copied, batches, loss="kl", config=config, progress=False)
+    reluize(given, batches, loss="kl", teacher=teacher, config=config, progress=False)
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    want, got = copied.state_dict(), given.state_dict()  # the same weights: the same teacher
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    model = gelu_mlp()
+    for kwargs, message in (({"loss": "kl", "teacher": model}, "not the model being hardened"),
+                            ({"objective": make_objective(gelu_mlp(), "kl"), "teacher": teacher},
+                             "not with objective="),
+                            ({"loss": "cross-entropy", "teacher": teacher, "config": dataclasses.replace(
+                                config, distill_weight=0.0)}, "compares with none")):
+        with pytest.raises(ValueError, match=message):
+            reluize(model, batches, **{"config": config, "progress": False, **kwargs})
+        assert not any(isinstance(m, lg.LambdaGELU) for m in model.modules())  # nothing changed
+
+
 def test_reluize_with_fold_proves_relu_and_changes_less_at_the_swap():
     plain, folded = gelu_mlp(), gelu_mlp()
     config = HardenConfig(steps=30, retarget_every=10, lr=3e-3, calibration_batches=2, tau=1e-2)

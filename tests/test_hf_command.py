@@ -93,7 +93,7 @@ def test_hf_best_runs_every_method_and_keeps_the_closest_on_validation(tmp_path,
     folders = {chosen: out, **{name: out / "baselines" / name for name in metrics["methods"] if name != chosen}}
     cosine = {name: float(torch.nn.functional.cosine_similarity(embed(folder), reference).mean())
               for name, folder in folders.items()}
-    assert max(cosine, key=cosine.get) == chosen
+    assert cosine[chosen] >= max(cosine.values()) - 1e-5  # (two methods may tie after 3 steps)
     for name, value in cosine.items():
         assert value == pytest.approx(selection["scores"][name]["cosine_mean"], abs=1e-5), name
     card = (out / "README.md").read_text()

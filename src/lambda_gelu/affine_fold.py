@@ -230,8 +230,10 @@ class TrackingFold:
             if module.num_channels is None or module.channel_dim % x.ndim == x.ndim - 1:
                 x = x.reshape(-1, x.shape[-1])[: self.MAX_ROWS].double()  # λ broadcasts along the rows as it is
             else:  # λ along another dim than the one the reader reads: whole leading slices, λ in place
-                per_slice = max(1, x.numel() // max(1, x.shape[0] * x.shape[-1]))
-                x = x[: max(1, self.MAX_ROWS // per_slice)].double()
+                if module.channel_dim % x.ndim != 0:  # (λ along dim 0: every row is needed)
+                    per_slice = max(1, x.numel() // max(1, x.shape[0] * x.shape[-1]))
+                    x = x[: max(1, self.MAX_ROWS // per_slice)]
+                x = x.double()
                 old, new = (channel_view(v, x.ndim, module.channel_dim) for v in (old, new))
             approximate = layer_approximation(module)
             change = lambda_gelu(x, old.to(x.device), approximate) - lambda_gelu(x, new.to(x.device), approximate)

@@ -367,7 +367,13 @@ def _cmd_relufy(args: argparse.Namespace, command: str) -> int:
         check_writable(args.onnx, args.force)
     model, header = load_checkpoint(args.checkpoint)
     split = _split_for(args, header)
-    fold = calibration_batches(split, HardenConfig()) if args.fold else None
+    hardened_with = header.get("metadata", {}).get("harden") or {}
+    if hardened_with.get("fold") and not args.fold:
+        print("note: the checkpoint was hardened with --fold; without --fold here the swap itself is not folded",
+              file=sys.stderr)
+    calibration = {k: hardened_with[k] for k in ("calibration_batches", "calibration_batch_size", "seed")
+                   if k in hardened_with}  # the batches the hardening calibrated on
+    fold = calibration_batches(split, HardenConfig(**calibration)) if args.fold else None
     relu_model = relu_copy(model, include_gelu=args.include_gelu, example=split.x_test[:2], fold=fold)
     report = disruption(model, relu_model, split.test_batches())
     meta = dict(header.get("metadata", {}), relufy=report.to_dict(), command=command,

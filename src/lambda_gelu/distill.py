@@ -114,6 +114,8 @@ def make_objective(
         raise ValueError(f"distill_weight must be in [0, 1], got {distill_weight}")
     output_fn = OUTPUTS[output] if isinstance(output, str) else output
     needs_teacher = loss in NEEDS_TEACHER or (loss == "cross-entropy" and distill_weight > 0)
+    if teacher is not None and not needs_teacher:
+        raise ValueError(f"teacher= given, but loss {loss!r} (distill_weight {distill_weight}) compares with none")
     frozen = (Teacher(model if teacher is None else teacher, output_fn, copy=teacher is None) if needs_teacher
               else None)
     if loss == "cross-entropy" and distill_weight > 0:

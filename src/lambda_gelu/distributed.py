@@ -133,8 +133,14 @@ def wrap(model: nn.Module) -> nn.Module:
     A model sharded by FSDP2's ``fully_shard`` is returned as it is: FSDP already averages its gradients over
     the ranks, as DDP would.
     """
-    if not is_active() or any(is_sharded(p) for p in model.parameters()):
+    if not is_active():
         return model
+    sharded = [is_sharded(p) for p in model.parameters()]
+    if all(sharded):
+        return model
+    if any(sharded):
+        raise ValueError("the model is sharded by fully_shard only in part: its other parameters would not be "
+                         "averaged over the ranks; call fully_shard on the root module too")
     device = next(model.parameters()).device
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -165,7 +171,8 @@ def any_rank(flag: bool) -> bool:
     """True if ``flag`` is true on any rank (so that every rank takes the same decision)."""
     if not is_active():
         return flag
-    value = torch.tensor([1.0 if flag else 0.0])
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([1.0 if flag else 0.0], device=device)  # NCCL reduces CUDA tensors only
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
 

@@ -35,7 +35,7 @@ from lambda_gelu.losses import OUTPUTS, OutputFn
 from lambda_gelu.profile import LayerHardness, hardness
 from lambda_gelu.resume import Checkpointer
 from lambda_gelu.schedule import SHAPES, Hardener
-from lambda_gelu.train import BatchStream, FitStats, TrainConfig, train_loop
+from lambda_gelu.train import FSDP_NO_STATES, BatchStream, FitStats, TrainConfig, train_loop
 
 
 @dataclass
@@ -239,6 +239,14 @@ def reluize(
     sharded model.
     """
     config = config or HardenConfig()
+    if any(distributed.is_sharded(p) for p in model.parameters()):  # refused before anything changes
+        if checkpointer is not None:
+            raise ValueError(FSDP_NO_STATES)
+        if config.fold:
+            raise ValueError("fold cannot reach the weights of an FSDP-sharded model; harden without fold")
+    if teacher is not None and (objective is not None or teacher is model):
+        raise ValueError("teacher= is the frozen model the built-in loss compares with: not with objective= "
+                         "(whose own teacher it would replace), and not the model being hardened")
     output_fn = OUTPUTS[output] if isinstance(output, str) else output
     device = model_device(model)
     if not isinstance(batches, BatchStream) and iter(batches) is batches:
@@ -265,12 +273,12 @@ def reluize(
                                shape=config.shape, retarget_every=config.retarget_every, forward=output_fn,
                                targets=saved["target"] if saved else None)
     tracking = TrackingFold(model, sole_linear_readers(model, calibration[:1], output_fn)) if config.fold else None
-    hardener.folding = tracking is not None
     first_targets = {name: value.clone() for name, value in hardener.target.items()}
     stream = batches if isinstance(batches, BatchStream) else BatchStream.of_batches(batches, config.seed)
     try:
         losses = train_loop(model, stream, objective, config.train_config(), hardener=hardener, desc=desc,
-                            progress=progress, checkpointer=checkpointer, stats=stats, training=config.train_mode)
+                            progress=progress, checkpointer=checkpointer, stats=stats, training=config.train_mode,
+                            settings={"fold": config.fold})  # the saved weights hold the folds made so far
         finish_hardening(hardener)
         samples = calibrate(model, calibration, forward=output_fn)  # (with fold: folds the last change of λ)
     finally:

@@ -110,10 +110,6 @@ class Hardener:
         self.step_count = 0
         self.retarget = retarget
         self.retarget_every = retarget_every
-        self.folding = False
-        """True while a :class:`~lambda_gelu.affine_fold.TrackingFold` folds every change of λ into the readers
-        (set by :func:`~lambda_gelu.harden.reluize`): weights saved mid-run hold those folds, so a run resumes
-        only with the same setting."""
         for module in self.layers.values():
             module.log_lam.requires_grad_(False)
 
@@ -160,7 +156,6 @@ class Hardener:
             "shape": self.shape,
             "start": {k: v.tolist() for k, v in self.start.items()},
             "target": {k: v.tolist() for k, v in self.target.items()},
-            "folding": self.folding,
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:

@@ -273,10 +273,12 @@ class _Run:
     recorder: HardnessRecorder | None
     losses: list[float]
     stats: FitStats
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def state(self) -> dict[str, Any]:
         body: dict[str, Any] = {
             "config": self.config.to_dict(),
+            "settings": dict(self.settings),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "data": self.stream.state_dict(),
@@ -300,14 +302,13 @@ class _Run:
         if (self.hardener is None) != ("hardener" not in body):
             what = "with" if "hardener" in body else "without"
             raise CheckpointError(f"{path}: saved by a run {what} a Hardener; this run differs")
-        config = self.config.to_dict()
-        differing = [k for k in config if body.get("config", {}).get(k) != config[k]]
-        if differing:
-            k = differing[0]
-            raise CheckpointError(
-                f"{path}: saved by a run with {k}={body['config'].get(k)!r}, this run has {k}={config[k]!r}; "
-                "resume with the same settings"
-            )
+        for saved_part, mine in (("config", self.config.to_dict()), ("settings", self.settings)):
+            theirs = body.get(saved_part, {}) if saved_part == "config" else body.get(saved_part, mine)  # (older)
+            differing = [k for k in sorted(set(mine) | set(theirs)) if theirs.get(k) != mine.get(k)]
+            if differing:
+                k = differing[0]
+                raise CheckpointError(f"{path}: saved by a run with {k}={theirs.get(k)!r}, this run has "
+                                      f"{k}={mine.get(k)!r}; resume with the same settings")
         if len(body["losses"]) != saved.step:
             raise CheckpointError(f"{path}: holds {len(body['losses'])} losses for step {saved.step}")
         check_weights(path, self.model, body["model"], finite=True)
@@ -323,9 +324,6 @@ class _Run:
             if set(hardener_state["target"]) != set(self.hardener.layers):
                 raise CheckpointError(f"{path}: hardens layers {sorted(hardener_state['target'])}, "
                                       f"this run hardens {sorted(self.hardener.layers)}")
-            if bool(hardener_state.get("folding", False)) != self.hardener.folding:
-                raise CheckpointError(f"{path}: saved by a run with fold={bool(hardener_state.get('folding'))}, "
-                                      f"this run has fold={self.hardener.folding}; resume with the same settings")
             self.hardener.load_state_dict(hardener_state)
         if self.teacher is not None:
             if "teacher" not in body:
@@ -342,6 +340,10 @@ class _Run:
         return saved.step
 
 
+FSDP_NO_STATES = ("resumable run states of an FSDP-sharded model are not supported; run without a checkpointer "
+                  "(or with DDP)")
+
+
 def train_loop(
     model: nn.Module,
     stream: BatchStream,
@@ -356,6 +358,7 @@ def train_loop(
     stats: FitStats | None = None,
     optimizer_groups: list[dict[str, Any]] | None = None,
     training: bool = True,
+    settings: dict[str, Any] | None = None,
 ) -> list[float]:
     """Train ``model`` for ``config.steps`` steps on ``stream``, minimizing ``objective``; return every step's loss.
 
@@ -372,7 +375,9 @@ def train_loop(
     first SIGTERM/SIGINT saves it and raises
     :class:`~lambda_gelu.resume.TrainingInterrupted`; if the checkpointer holds a
     state to resume (``Checkpointer(..., resume=True)``), the run continues from
-    it and returns every step's loss, the earlier ones included. A non-finite
+    it and returns every step's loss, the earlier ones included; ``settings``
+    (plain values, such as whether changes of λ are folded into the weights)
+    are saved with the state, and a resume with other settings is refused. A non-finite
     step is skipped (its loss, NaN or inf, is still returned) and recorded in
     ``stats``; :class:`NonFiniteError` (a FloatingPointError) stops the run
     after more than ``config.max_bad_steps`` of them in a row.
@@ -381,12 +386,12 @@ def train_loop(
     device = model_device(model)
     torch.manual_seed(config.seed)
     if distributed.reshard(model) and checkpointer is not None:  # the optimizer must hold the sharded parameters
-        raise ValueError("resumable run states of an FSDP-sharded model are not supported; run without a "
-                         "checkpointer (or with DDP)")
+        raise ValueError(FSDP_NO_STATES)
     optimizer = make_optimizer(model, config, optimizer_groups)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     scaler = torch.amp.GradScaler(device.type) if config.amp_dtype == "float16" else None
-    run = _Run(model, config, optimizer, scaler, hardener, objective.teacher, stream, recorder, [], stats)
+    run = _Run(model, config, optimizer, scaler, hardener, objective.teacher, stream, recorder, [], stats,
+               dict(settings or {}))
     start = 0
     if checkpointer is not None and checkpointer.resume_state is not None:
         start = run.restore(checkpointer.resume_state)

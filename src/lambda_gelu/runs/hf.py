@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -80,7 +81,8 @@ Linear that reads it, ``HardenConfig(fold=True)``) and the baselines: the swap a
 distillation, and the swap with each gate's affine fit folded into the Linear that reads it, then distillation."""
 RECIPES = ("lambda-gelu", "lambda-gelu-fold")
 BEST = "best"
-"""The ``--method`` that runs every method of :data:`METHODS` and keeps the winner on a validation split."""
+"""The ``--method`` that runs every method of :data:`METHODS` (``baselines`` is then implied) and keeps the winner
+on a validation split; the winner is not trained again on the validation examples."""
 
 LABELS = {"lambda-gelu": "lambda-gelu ReLU-ization", "lambda-gelu-fold": "lambda-gelu + fold",
           "direct-swap": "direct swap GELU → ReLU",
@@ -245,11 +247,9 @@ def make_data(path: str | Path, processor: Any, task: str, config: HFConfig) -> 
         if len(train) < 2:
             raise HFUsageError(f"{path}: {len(examples)} examples leave none to choose the best method on")
         train, validation = split_held_out(train, min(0.5, len(held) / len(train)), config.seed + 1)
-    for part, what in ((held, "held-out"), (validation, "validation")):
-        if part is not None and task == "feature-extraction" and len(part) <= config.k:
-            need = (10 if what == "held-out" else 20) * (config.k + 1)
-            raise HFUsageError(f"{path}: {len(part)} {what} examples, but agreement@{config.k} needs more than "
-                               f"{config.k}; give at least {need} examples")
+    if task == "feature-extraction" and len(held) <= config.k:  # (the validation part is as large)
+        raise HFUsageError(f"{path}: {len(held)} held-out examples, but agreement@{config.k} needs more than "
+                           f"{config.k}; give at least {10 * (config.k + 1)} examples")
     batches = _batcher(processor, task, config)
     train_batches = batches(train)
     calibration = train_batches[: config.harden_config().calibration_batches]
@@ -411,7 +411,7 @@ def held_out_scores(original: nn.Module, model: nn.Module, batches: Sequence[dic
                                  reduction="sum"))
             ce += float(F.cross_entropy(other.reshape(-1, other.shape[-1]), top1.reshape(-1), reduction="sum"))
     rows = max(rows, 1.0)
-    return {"agreement": 100.0 * agree / rows, "kl": max(0.0, kl / rows),  # >= 0; rounding can dip below
+    return {"agreement": 100.0 * agree / rows, "kl": max(0.0, kl / rows) if math.isfinite(kl) else kl,  # >= 0
             "loss_vs_original": ce / rows}
 
 
@@ -627,9 +627,12 @@ def choose_best(original: nn.Module, runs: Sequence[MethodRun], data: Data, task
 
 def _ranking(task: str, k: int) -> Callable[[dict[str, float]], tuple[float, float]]:
     """Larger is closer to the original: the table's first column, then (to break ties) its next measure."""
+    def finite(*values: float) -> tuple[float, ...]:  # a broken run (NaN) ranks last, never first
+        return tuple(v if math.isfinite(v) else float("-inf") for v in values)
+
     if TASKS[task].kind == "embedding":
-        return lambda row: (row["cosine_mean"], row[f"agreement_at_{k}"])
-    return lambda row: (row["agreement"], -row["kl"])
+        return lambda row: finite(row["cosine_mean"], row[f"agreement_at_{k}"])
+    return lambda row: finite(row["agreement"], -row["kl"])
 
 
 def _score_columns(task: str, k: int) -> list[tuple[str, str, str]]:
