@@ -68,7 +68,8 @@ def plot_relufy_pair(summary: dict[str, Any], pair: PairSpec, path: str | Path) 
 
 def plot_budget_curves(rows: list[dict[str, Any]], pairs: Sequence[PairSpec], labels: dict[str, str],
                        path: str | Path) -> Path:
-    """Per pair: each method's final metric (mean over seeds) against its extra-step budget, GELU dashed."""
+    """Per pair: each method's final metric (mean over seeds, ± one std shaded with several) against its
+    extra-step budget, GELU dashed."""
     cols = min(3, len(pairs))
     nrows = (len(pairs) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.4 * nrows), squeeze=False)
@@ -80,8 +81,13 @@ def plot_budget_curves(rows: list[dict[str, Any]], pairs: Sequence[PairSpec], la
                 if row["method"] == method:
                     points[row["extra_steps"]].append(row["final"])
             xs = sorted(points)
-            ax.plot(xs, [statistics.fmean(points[x]) for x in xs], marker="o", ms=3, color=COLORS[i % len(COLORS)],
-                    label=label)
+            means = [statistics.fmean(points[x]) for x in xs]
+            color = COLORS[i % len(COLORS)]
+            ax.plot(xs, means, marker="o", ms=3, color=color, label=label)
+            if all(len(points[x]) > 1 for x in xs):  # the seed spread: mean ± one std
+                spread = [statistics.stdev(points[x]) for x in xs]
+                ax.fill_between(xs, [m - d for m, d in zip(means, spread, strict=True)],
+                                [m + d for m, d in zip(means, spread, strict=True)], color=color, alpha=0.12, lw=0)
         gelu = [row["final"] for row in mine if row["method"] == "gelu"]
         if gelu:
             ax.axhline(statistics.fmean(gelu), color="gray", lw=0.8, ls="--", label="GELU")
