@@ -9,6 +9,7 @@ setting λ on the sharded parameters.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,7 @@ def _model() -> torch.nn.Module:
     return model
 
 
-def _run(rank: int, world: int) -> dict[str, object]:
+def _run(rank: int, world: int, _folder: str | None = None) -> dict[str, object]:
     """Train λ and the weights, then harden; returns the full (gathered) state and λ on this rank."""
     split = load_dataset("digits")
     model = _model()
@@ -76,27 +77,35 @@ def _run(rank: int, world: int) -> dict[str, object]:
             "local_numel": int(model.blocks[0].act.log_lam.to_local().numel()) if world > 1 else 1}
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+Job = Callable[[int, int, str | None], dict[str, object]]
+
+
+def _worker(rank: int, job: Job, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        torch.save(_run(rank, world), Path(out) / f"result-rank{rank}.pt")  # test plumbing: each rank reports
+        torch.save(job(rank, world, out), Path(out) / f"result-rank{rank}.pt")  # test plumbing: each rank reports
     finally:
         dist.destroy_process_group()
 
 
-def test_fully_shard_two_gloo_processes_equal_one_process(tmp_path, free_port):
-    context = mp.start_processes(_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=False,
+def _two_ranks_and_one(job: Job, folder: Path, port: int) -> tuple[dict[str, object], list[dict[str, object]]]:
+    """``job`` on 2 gloo ranks and, meanwhile, in this process alone: (the one-process result, the ranks')."""
+    context = mp.start_processes(_worker, args=(job, 2, port, str(folder)), nprocs=2, join=False,
                                  start_method="spawn")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = _run(0, 1)
+        single = job(0, 1, None)
     finally:
         torch.set_num_threads(before)
     while not context.join(timeout=300):
         pass
-    ranks = [torch.load(tmp_path / f"result-rank{r}.pt", weights_only=True) for r in range(2)]
+    return single, [torch.load(folder / f"result-rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_fully_shard_two_gloo_processes_equal_one_process(tmp_path, free_port):
+    single, ranks = _two_ranks_and_one(_run, tmp_path, free_port)
 
     assert [r["local_numel"] for r in ranks] == [1, 0]  # the per-layer λ lives on rank 0 only
     lams = single["lams"]
@@ -161,27 +170,8 @@ def _reluize(rank: int, world: int, folder: str | None = None) -> dict[str, obje
             "relu": [type(m).__name__ for m in model.modules()].count("ReLU")}
 
 
-def _reluize_worker(rank: int, world: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.save(_reluize(rank, world, out), Path(out) / f"reluize-rank{rank}.pt")  # each rank reports back
-    finally:
-        dist.destroy_process_group()
-
-
 def test_reluize_on_a_fully_sharded_model_equals_one_process(tmp_path, free_port):
-    context = mp.start_processes(_reluize_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=False,
-                                 start_method="spawn")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        single = _reluize(0, 1)
-    finally:
-        torch.set_num_threads(before)
-    while not context.join(timeout=300):
-        pass
-    ranks = [torch.load(tmp_path / f"reluize-rank{r}.pt", weights_only=True) for r in range(2)]
+    single, ranks = _two_ranks_and_one(_reluize, tmp_path, free_port)
     assert single["swapped"] == ranks[0]["swapped"] == ["blocks.0.act", "blocks.1.act"]
     assert single["relu"] == ranks[0]["relu"] == ranks[1]["relu"] == 2
     assert torch.equal(ranks[0]["losses"], ranks[1]["losses"])
