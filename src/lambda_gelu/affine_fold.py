@@ -223,9 +223,10 @@ class TrackingFold:
     def _pre_hook(self, name: str):
         @torch.no_grad()
         def hook(module: LambdaGELU, inputs: tuple) -> None:
-            new, old = module.lam.double(), self.folded_at[name]
-            if torch.equal(new, old):
+            current, old = module.lam.double(), self.folded_at[name]
+            if torch.equal(current, old):
                 return
+            new = current
             x = inputs[0].detach()
             if module.num_channels is None or module.channel_dim % x.ndim == x.ndim - 1:
                 x = x.reshape(-1, x.shape[-1])[: self.MAX_ROWS].double()  # λ broadcasts along the rows as it is
@@ -242,7 +243,7 @@ class TrackingFold:
             if distributed.is_active():
                 shift, rows = distributed.sum_all(shift), distributed.sum_all(rows)
             fold_affine_(self.readers[name], torch.ones_like(shift), shift / rows)
-            self.folded_at[name] = module.lam.double()
+            self.folded_at[name] = current
             self.folds += 1
 
         return hook

@@ -303,7 +303,7 @@ class _Run:
             what = "with" if "hardener" in body else "without"
             raise CheckpointError(f"{path}: saved by a run {what} a Hardener; this run differs")
         for saved_part, mine in (("config", self.config.to_dict()), ("settings", self.settings)):
-            theirs = body.get(saved_part, {}) if saved_part == "config" else body.get(saved_part, mine)  # (older)
+            theirs = body.get(saved_part, mine if saved_part == "settings" else {})  # (older states: no settings)
             differing = [k for k in sorted(set(mine) | set(theirs)) if theirs.get(k) != mine.get(k)]
             if differing:
                 k = differing[0]
