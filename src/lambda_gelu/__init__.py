@@ -24,6 +24,7 @@ from lambda_gelu.ops import lambda_gelu
 from lambda_gelu.optim import param_groups
 from lambda_gelu.profile import HardnessRecorder, LayerHardness, hardness
 from lambda_gelu.schedule import Hardener, lambda_at
+from lambda_gelu.swap_train import Swapped, swap_and_train
 from lambda_gelu.version import __version__
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "Reluized",
     "SmoothGateError",
     "SmoothOp",
+    "Swapped",
     "UnconvertibleGateError",
     "__version__",
     "assert_relu",
@@ -66,5 +68,6 @@ __all__ = [
     "replace_modules",
     "set_compile_mode",
     "smooth_gates",
+    "swap_and_train",
     "target_lambda",
 ]

@@ -4,13 +4,15 @@
 tuples or dicts), the function that gets the tensor the loss reads from the
 model's output, and a loss; the demo, the studies, the ``hf`` command and the
 framework callbacks all go through it or through its two phase functions,
-:func:`start_hardening` and :func:`finish_hardening`.
+:func:`start_hardening` and :func:`finish_hardening`. The swap-first baseline,
+:func:`lambda_gelu.swap_train.swap_and_train`, reads the same arguments
+(:func:`prepare_inputs`).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -244,27 +246,9 @@ def reluize(
             raise ValueError(FSDP_NO_STATES)
         if config.fold:
             raise ValueError("fold cannot reach the weights of an FSDP-sharded model; harden without fold")
-    if teacher is not None and (objective is not None or teacher is model):
-        raise ValueError("teacher= is the frozen model the built-in loss compares with: not with objective= "
-                         "(whose own teacher it would replace), and not the model being hardened")
-    output_fn = OUTPUTS[output] if isinstance(output, str) else output
-    device = model_device(model)
-    if not isinstance(batches, BatchStream) and iter(batches) is batches:
-        raise ValueError("batches must be re-iterable (a DataLoader or a list), not an iterator: training "
-                         "goes over them more than once")
-    if calibration is None:
-        with torch.random.fork_rng(devices=[]):  # a shuffling DataLoader's first batches, the same every run
-            torch.manual_seed(config.seed)
-            calibration = list(itertools.islice(batches, config.calibration_batches))
-    calibration = list(calibration)
-    if not calibration:
-        raise ValueError("no calibration batches: the batches are empty")
-
-    def probe(m: nn.Module) -> Any:
-        return output_fn(m, move_to(calibration[0], device))
-
-    if objective is None:
-        objective = make_objective(model, loss, output_fn, config.distill_weight, teacher=teacher)
+    inputs = prepare_inputs(model, batches, output=output, loss=loss, objective=objective, teacher=teacher,
+                            config=config, calibration=calibration)
+    output_fn, calibration, probe, objective = inputs.output, inputs.calibration, inputs.probe, inputs.objective
     channels = channel_counts(model, probe) if per_channel and _has_gelu_modules(model) else None
     converted = convert(model, example=probe, num_channels=channels, check_functional=False)
     resumed = checkpointer.resume_state if checkpointer is not None else None
@@ -292,6 +276,54 @@ def reluize(
                           else relufy(model, example=probe))
         result.other_nonlinearities = [op for op in record_gates(model, probe) if not op.gate]
     return result
+
+
+@dataclass
+class RecipeInputs:
+    """What both recipes (:func:`reluize`, :func:`lambda_gelu.swap_train.swap_and_train`) read from their
+    arguments: the output function, the calibration batches, a probe that runs the model on the first of them
+    (for the proof), and the objective."""
+
+    output: OutputFn
+    calibration: list[Any]
+    probe: Callable[[nn.Module], Any]
+    objective: Objective
+
+
+def prepare_inputs(model: nn.Module, batches: Iterable[Any], *, output: str | OutputFn, loss: str,
+                   objective: Objective | None, teacher: nn.Module | None, config: HardenConfig,
+                   calibration: Iterable[Any] | None) -> RecipeInputs:
+    """Check a recipe's arguments and derive its inputs, before anything changes.
+
+    ``calibration`` defaults to the first ``config.calibration_batches`` of
+    ``batches`` (taken under a fixed seed, so a shuffling DataLoader gives the
+    same ones every run); the objective's frozen teacher is copied from
+    ``model`` now, before the recipe changes it.
+    """
+    if teacher is not None and (objective is not None or teacher is model):
+        raise ValueError("teacher= is the frozen model the built-in loss compares with: not with objective= "
+                         "(whose own teacher it would replace), and not the model being hardened")
+    output_fn = OUTPUTS[output] if isinstance(output, str) else output
+    device = model_device(model)
+    if not isinstance(batches, BatchStream) and iter(batches) is batches:
+        raise ValueError("batches must be re-iterable (a DataLoader or a list), not an iterator: training "
+                         "goes over them more than once")
+    if calibration is None:
+        with torch.random.fork_rng(devices=[]):  # a shuffling DataLoader's first batches, the same every run
+            torch.manual_seed(config.seed)
+            calibration = list(itertools.islice(batches, config.calibration_batches))
+    calibration = list(calibration)
+    if not calibration:
+        raise ValueError("no calibration batches: the batches are empty")
+
+    first = calibration[0]
+
+    def probe(m: nn.Module) -> Any:
+        return output_fn(m, move_to(first, device))
+
+    if objective is None:
+        objective = make_objective(model, loss, output_fn, config.distill_weight, teacher=teacher)
+    return RecipeInputs(output_fn, calibration, probe, objective)
 
 
 def _has_gelu_modules(model: nn.Module) -> bool:

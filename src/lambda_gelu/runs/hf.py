@@ -39,17 +39,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lambda_gelu.affine_fold import swap_fold_
 from lambda_gelu.batches import model_device, move_to
 from lambda_gelu.calibrate import DEFAULT_TAU
 from lambda_gelu.convert import relufy, unreachable_gates
-from lambda_gelu.distill import make_objective
 from lambda_gelu.gates import activation_layers, preserved_modes, record_gates
 from lambda_gelu.harden import HardenConfig, reluize
 from lambda_gelu.integrations.hf_data import Examples, image_batches, load_examples, split_held_out, text_batches
 from lambda_gelu.losses import OutputFn, logits, mean_pooled, next_token_logits, token_logits
 from lambda_gelu.resume import Checkpointer
-from lambda_gelu.train import BatchStream, FitStats, train_loop
+from lambda_gelu.swap_train import swap_and_train
 
 
 class HFUsageError(ValueError):
@@ -348,19 +346,14 @@ def run_method(name: str, original: nn.Module, data: Data, task: str, config: HF
             "profile": [row.to_dict() for row in result.profile],
         }
         return MethodRun(name, model, config.steps, time.perf_counter() - start, result.losses, details)
-    details: dict[str, Any] = {}
-    if name == "swap-fold-distill":
-        fold = swap_fold_(model, data.calibration, lambda m, b: spec.output(m, b), example=probe)
-        details = {"folded": fold.folded, "unfolded": fold.unfolded}
-    else:
-        relufy(model, include_gelu=True, example=probe)
     if name == "direct-swap":
-        return MethodRun(name, model, 0, time.perf_counter() - start, [], details)
-    objective = make_objective(original, spec.loss, spec.output)
-    losses = train_loop(model, BatchStream.of_batches(data.train, config.seed), objective,
-                        harden_config.train_config(), desc=name, progress=progress, checkpointer=checkpointer,
-                        stats=FitStats(), training=False)
-    return MethodRun(name, model, config.steps, time.perf_counter() - start, losses, details)
+        relufy(model, include_gelu=True, example=probe)
+        return MethodRun(name, model, 0, time.perf_counter() - start)
+    result = swap_and_train(model, data.train, output=spec.output, loss=spec.loss,
+                            config=dataclasses.replace(harden_config, fold=name == "swap-fold-distill"),
+                            calibration=data.calibration, progress=progress, checkpointer=checkpointer, desc=name)
+    details = {"folded": result.folded, "unfolded": result.unfolded} if name == "swap-fold-distill" else {}
+    return MethodRun(name, model, config.steps, time.perf_counter() - start, result.losses, details)
 
 
 def _summary(value: torch.Tensor) -> dict[str, float]:
