@@ -34,16 +34,19 @@ def relufy_run(tmp_path_factory):
 
 def test_relufy_resumes_run_by_run_from_its_cache(relufy_run):
     cache = relufy_run.parent / "cache"
-    runs = sorted(p for p in cache.glob("relufy-*.json"))
-    # one cache unit per (method, budget) run: a stopped study loses at most the run it was in
+    runs = sorted(p for p in cache.glob("relufy-*.json") if "-scores-" not in p.name)
+    # one cache unit per (method, budget) run: a stopped study loses at most the run it was in; and one for the
+    # scores and swaps at budget 0, so a report from a full cache evaluates nothing
     assert len(runs) == len(BUDGETED) * len(GRIDS["tiny"])
+    assert len(list(cache.glob("relufy-mlp_digits-seed3-scores-*.json"))) == 1
     runs[0].unlink()  # as if the study had stopped inside its last run
     again = relufy_run.parent / "again"
     assert main(["study", "relufy", "--tiny", "--pairs", "mlp_digits", "--seeds", "3", "--out", str(again),
                  "--cache", str(cache), "--no-progress"]) == 0
     assert (again / "runs.csv").read_text() == (relufy_run / "runs.csv").read_text()
     counts = json.loads((again / "summary.json").read_text())["meta"]["cache"]
-    assert counts["computed"] == 1 and counts["loaded"] == len(runs) - 1 + 3  # the three trained models
+    # the other runs, the scores, and the three trained models
+    assert counts["computed"] == 1 and counts["loaded"] == len(runs) - 1 + 1 + 3
 
 
 def test_relufy_writes_its_results_folder(relufy_run):
