@@ -37,15 +37,21 @@ class RelufyConfigWarning(UserWarning):
 def gelu_activation_names() -> set[str]:
     """Names of transformers' ``ACT2CLS`` entries whose activation is GELU-family (user registrations included)."""
     from transformers.activations import ACT2FN
+    from transformers.utils import logging as hf_logging
 
     names = set()
-    for name in ACT2FN:
-        try:
-            module = ACT2FN[name]
-        except Exception:  # an entry that cannot be built here is not one we can judge
-            continue
-        if isinstance(module, nn.Module) and is_gelu(module):
-            names.add(name)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # building every entry to test it is ours, not the user's: no "not available"
+    try:
+        for name in ACT2FN:
+            try:
+                module = ACT2FN[name]
+            except Exception:  # an entry that cannot be built here is not one we can judge
+                continue
+            if isinstance(module, nn.Module) and is_gelu(module):
+                names.add(name)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return names
 
 
