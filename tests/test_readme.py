@@ -33,3 +33,6 @@ def test_the_two_recipes_example_runs_on_the_first_examples_model(one_thread):
         relu = namespace[name]
         assert isinstance(relu[1], torch.nn.ReLU) and namespace["lg"].assert_relu(relu, x[:8]) == []
     assert isinstance(namespace["model"][1], torch.nn.GELU)  # both worked on copies
+    kls = [namespace["lg"].disruption(namespace["model"], m, namespace["held_out"]).kl
+           for m in (namespace["relu_a"], namespace["relu_b"])]
+    assert namespace["relu"] is (namespace["relu_a"], namespace["relu_b"])[kls.index(min(kls))]
