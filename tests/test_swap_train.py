@@ -91,11 +91,7 @@ def test_swap_and_train_without_fold_is_the_plain_swap_then_training():
         torch.testing.assert_close(model.state_dict()[key], value, atol=1e-5, rtol=1e-5)
 
 
-def test_swap_and_train_stopped_by_a_signal_resumes_bitwise_and_refuses_a_hardening_state(tmp_path):
-    loader = DataLoader(TensorDataset(X, Y), batch_size=64, shuffle=True)
-    reference = gelu_mlp()
-    lg.swap_and_train(reference, loader, config=CONFIG, progress=False)
-    model = gelu_mlp()
+def _stopped_at_step_12(model: nn.Module, loader: DataLoader, config: HardenConfig, folder) -> None:
     calls = {"n": 0}
 
     def stop_on_the_12th_training_forward(module: nn.Module, _inputs: tuple) -> None:
@@ -106,17 +102,62 @@ def test_swap_and_train_stopped_by_a_signal_resumes_bitwise_and_refuses_a_harden
 
     handle = model.register_forward_pre_hook(stop_on_the_12th_training_forward)
     with pytest.raises(TrainingInterrupted):
-        lg.swap_and_train(model, loader, config=CONFIG, progress=False, checkpointer=Checkpointer(tmp_path))
+        lg.swap_and_train(model, loader, config=config, progress=False, checkpointer=Checkpointer(folder))
     handle.remove()
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    want, got = a.state_dict(), b.state_dict()
+    return want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_swap_and_train_stopped_by_a_signal_resumes_bitwise_and_refuses_other_runs(tmp_path):
+    loader = DataLoader(TensorDataset(X, Y), batch_size=64, shuffle=True)
+    reference = gelu_mlp()
+    lg.swap_and_train(reference, loader, config=CONFIG, progress=False)
+    _stopped_at_step_12(gelu_mlp(), loader, CONFIG, tmp_path)
     with pytest.raises(CheckpointError, match="without a Hardener"):  # a swap run cannot continue a hardening
         lg.reluize(gelu_mlp(), loader, config=CONFIG, progress=False,
                    checkpointer=Checkpointer(tmp_path, resume=True))
+    with pytest.raises(CheckpointError, match="fold=True, this run has fold=False"):  # its weights hold the fold
+        lg.swap_and_train(gelu_mlp(), loader, config=dataclasses.replace(CONFIG, fold=False), progress=False,
+                          checkpointer=Checkpointer(tmp_path, resume=True))
     resumed = gelu_mlp()
     result = lg.swap_and_train(resumed, loader, config=CONFIG, progress=False,
                                checkpointer=Checkpointer(tmp_path, resume=True))
-    assert len(result.losses) == CONFIG.steps
-    want, got = reference.state_dict(), resumed.state_dict()
-    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert len(result.losses) == CONFIG.steps and _same_weights(reference, resumed)
+
+
+def test_a_state_saved_before_the_fold_setting_resumes_as_unfolded(tmp_path):
+    from lambda_gelu.resume import load_state, save_state
+
+    loader = DataLoader(TensorDataset(X, Y), batch_size=64, shuffle=True)
+    plain = dataclasses.replace(CONFIG, fold=False)
+    reference = gelu_mlp()
+    lg.swap_and_train(reference, loader, config=plain, progress=False)
+    _stopped_at_step_12(gelu_mlp(), loader, plain, tmp_path)
+    (state,) = tmp_path.glob("state-*.safetensors")
+    saved = load_state(state)
+    saved.body["settings"] = {}  # as saved by 0.2.0.dev0 before the fold setting
+    save_state(state, saved.step, saved.body, saved.meta)
+    with pytest.raises(CheckpointError, match="fold=False, this run has fold=True"):
+        lg.swap_and_train(gelu_mlp(), loader, config=CONFIG, progress=False,
+                          checkpointer=Checkpointer(tmp_path, resume=True))
+    resumed = gelu_mlp()
+    lg.swap_and_train(resumed, loader, config=plain, progress=False, checkpointer=Checkpointer(tmp_path, resume=True))
+    assert _same_weights(reference, resumed)
+
+
+def test_swap_and_train_trains_in_the_mode_its_config_asks_and_gives_the_model_back_in_its_own():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.GELU(), nn.Dropout(0.5), nn.Linear(32, 2))
+    model.train()
+    seen = []
+    model[2].register_forward_pre_hook(lambda module, _inputs: seen.append(module.training))
+    lg.swap_and_train(model, [(X[:64], Y[:64])], loss="kl", config=dataclasses.replace(CONFIG, train_mode=False),
+                      progress=False)
+    assert seen and not any(seen)  # dropout off in every pass: the calibration, the proof and each training step
+    assert all(m.training for m in model.modules())
 
 
 def test_swap_and_train_refuses_before_anything_changes():
@@ -127,3 +168,22 @@ def test_swap_and_train_refuses_before_anything_changes():
     with pytest.raises(ValueError, match="not the model being hardened"):
         lg.swap_and_train(model, [(X, Y)], loss="kl", teacher=model, config=CONFIG, progress=False)
     assert isinstance(model[1], nn.GELU) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class HiddenGate(nn.Module):
+    """A GELU module read by a Linear, and after it a gate written as a call no module swap reaches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(6, 32), nn.GELU(), nn.Linear(32, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.b(self.act(self.a(x))))
+
+
+def test_swap_and_train_refuses_a_gate_no_swap_reaches_before_it_folds_anything():
+    model = HiddenGate()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(lg.UnconvertibleGateError, match="gelu"):
+        lg.swap_and_train(model, [(X[:64], Y[:64])], config=CONFIG, progress=False)
+    assert isinstance(model.act, nn.GELU) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())

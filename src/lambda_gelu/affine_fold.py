@@ -41,7 +41,7 @@ from torch import nn
 
 from lambda_gelu import distributed
 from lambda_gelu.batches import model_device, move_to
-from lambda_gelu.convert import relufy
+from lambda_gelu.convert import refuse_unreachable, relufy
 from lambda_gelu.gates import activation_layers, layer_approximation, materialize_function_gates, preserved_modes
 from lambda_gelu.module import LambdaGELU
 from lambda_gelu.ops import channel_view, lambda_gelu
@@ -161,9 +161,12 @@ def swap_fold_(model: nn.Module, calibration: Iterable[Any], run: Run, example: 
     Linear reader.
 
     ``run(model, batch)`` runs the model on one calibration batch. ``example``
-    (as for :func:`lambda_gelu.relufy`) proves the result ReLU.
+    (as for :func:`lambda_gelu.relufy`) proves the result ReLU; a gate no
+    module swap reaches is refused on it before any weight is folded.
     """
     materialize_function_gates(model)
+    if example is not None:
+        refuse_unreachable(model, example)
     moments: dict[str, _Moments] = {name: _Moments() for name in activation_layers(model)}
 
     def observe(name: str, x: torch.Tensor, out: torch.Tensor) -> None:

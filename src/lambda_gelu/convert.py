@@ -391,6 +391,13 @@ def _fused_activation(op: SmoothOp) -> str | None:
     return f"{op.module}.activation" if op.module else "activation"
 
 
+def refuse_unreachable(model: nn.Module, example: Any) -> None:
+    """Raise :class:`UnconvertibleGateError` if ``model`` computes on ``example`` a smooth gate that no λ-GELU or
+    GELU-family module computes (what ``relufy(include_gelu=True, example=...)`` would refuse), changing nothing:
+    for a caller that must refuse before it changes the model."""
+    _refuse_unreachable(model, lambda m, _n: isinstance(m, LambdaGELU) or is_gelu(m), example)
+
+
 def _refuse_unreachable(model: nn.Module, select: ModuleFilter, example: Any, only_outside: bool = False) -> None:
     """Raise :class:`UnconvertibleGateError` for gates of ``model`` on ``example`` that no selected module computes
     (``only_outside``: only for those that no gate module computes at all)."""

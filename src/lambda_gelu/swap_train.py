@@ -59,8 +59,9 @@ def swap_and_train(
 ) -> Swapped:
     """Swap ``model``'s GELU gates (and λ-GELU ones) for ReLU in place, then train it ``config.steps`` steps.
 
-    1. With ``config.fold`` (the default here: ``fold=True`` unless a config
-       says otherwise), fit GELU(x_c) ≈ a_c·ReLU(x_c) + b_c per channel on
+    1. With ``config.fold`` (the config used when none is given is
+       ``HardenConfig(fold=True)``; a config given decides for itself, and
+       ``HardenConfig``'s own default is no fold), fit GELU(x_c) ≈ a_c·ReLU(x_c) + b_c per channel on
        ``calibration`` and fold a, b into each gate's sole Linear reader
        (:func:`lambda_gelu.affine_fold.swap_fold_`); then swap, and prove with
        the first calibration batch that no smooth gate runs.
@@ -69,7 +70,9 @@ def swap_and_train(
        frozen copy of the model taken before the swap (distillation), or
        ``teacher``; ``objective`` replaces it.
 
-    The arguments mean what they mean for :func:`lambda_gelu.reluize`.
+    The arguments mean what they mean for :func:`lambda_gelu.reluize` (which
+    also has ``per_channel`` and ``swap``: this recipe has no λ to shape). A
+    gate no module swap reaches is refused before any weight is folded.
     FSDP-sharded models are refused: swap before ``fully_shard``, then train.
     """
     config = config or HardenConfig(fold=True)

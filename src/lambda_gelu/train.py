@@ -259,6 +259,10 @@ def _all_finite_here(present: list[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack([v.float().to(device) for v in largest])).all())  # the one sync
 
 
+SETTING_DEFAULTS: dict[str, Any] = {"fold": False}
+"""The value of each run-state setting in a state saved before the setting existed."""
+
+
 @dataclass
 class _Run:
     """The objects whose state a run checkpoint holds."""
@@ -302,8 +306,11 @@ class _Run:
         if (self.hardener is None) != ("hardener" not in body):
             what = "with" if "hardener" in body else "without"
             raise CheckpointError(f"{path}: saved by a run {what} a Hardener; this run differs")
-        for saved_part, mine in (("config", self.config.to_dict()), ("settings", self.settings)):
-            theirs = body.get(saved_part, mine if saved_part == "settings" else {})  # (older states: no settings)
+        for mine, theirs in (
+            (self.config.to_dict(), body.get("config", {})),
+            # a setting an older state does not hold had its default then (states before fold: no fold)
+            ({**SETTING_DEFAULTS, **self.settings}, {**SETTING_DEFAULTS, **body.get("settings", {})}),
+        ):
             differing = [k for k in sorted(set(mine) | set(theirs)) if theirs.get(k) != mine.get(k)]
             if differing:
                 k = differing[0]

@@ -35,7 +35,12 @@ class RelufyConfigWarning(UserWarning):
 
 
 def gelu_activation_names() -> set[str]:
-    """Names of transformers' ``ACT2CLS`` entries whose activation is GELU-family (user registrations included)."""
+    """Names of transformers' ``ACT2CLS`` entries whose activation is GELU-family (user registrations included).
+
+    Building every entry makes some log a notice ("CUDA-fused xIELU not
+    available"); transformers is kept at error level meanwhile, which marks
+    such a once-only notice as given in this process.
+    """
     from transformers.activations import ACT2FN
     from transformers.utils import logging as hf_logging
 
