@@ -185,3 +185,18 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
         assert main(["study", "dynamics", "--tiny", "--device", "cuda", "--out", str(tmp_path / "y")]) == 2
         assert "CUDA" in capsys.readouterr().err
         assert not (tmp_path / "y").exists()
+
+
+def test_budget_table_names_the_methods_within_the_seed_spread_of_the_winner():
+    from lambda_gelu.studies.relufy import budget_table
+
+    def rows(method: str, budget: int, finals: list[float]) -> list[dict]:
+        return [{"pair": "mlp_digits", "method": method, "extra_steps": budget, "final": v} for v in finals]
+
+    data = (rows("swap_ft", 0, [90.0, 90.2]) + rows("harden_learned", 0, [95.0, 95.2])  # clear: 95.1 vs 90.1
+            + rows("swap_ft", 16, [96.0, 97.0]) + rows("harden_learned", 16, [96.2, 96.4]))  # 96.5 ± 0.7 vs 96.3
+    table = budget_table(data, [PAIRS["mlp_digits"]], _ctx())
+    row = next(line for line in table.splitlines() if line.startswith("| MLP × digits"))
+    at_zero, at_e = [cell.strip() for cell in row.strip("|").split("|")][1:]
+    assert at_zero == "lambda-gelu (learned λ, hardened) (95.10); clear"
+    assert at_e == "swap + fine-tuning (96.50); within the spread: lambda-gelu (learned λ, hardened)"

@@ -261,7 +261,8 @@ def _targets(methods: dict[str, Any], metric) -> dict[str, Any]:
         "best_baseline": best_baseline,
         "beats_every_baseline": metric.better(ours_mean, base_mean),
         "outside_spread": (None if min(len(ours["final"]), len(methods[best_baseline]["final"])) < 2 else
-                           metric.better(ours_mean, base_mean) and abs(ours_mean - base_mean) > ours_std + base_std),
+                           metric.better(ours_mean, base_mean)
+                           and not _within_spread(ours["final"], methods[best_baseline]["final"])),
         "winner": _best(methods, (*baselines, *OURS), metric),
         "within_target_of_gelu": gap <= metric.target,
         "gap_to_gelu": gap,
@@ -314,12 +315,24 @@ def budget_table(rows: list[dict[str, Any]], pairs: list[PairSpec], ctx: StudyCo
         for budget in sorted({b for b, _ in by}):
             finals = {m: {"final": v} for (b, m), v in by.items() if b == budget}
             best = _best(finals, tuple(finals), pair.metric)
-            cells.append(f"{labels[best]} ({mean_std(finals[best]['final'])[0]:.{digits}f})")
+            ties = [labels[m] for m in finals
+                    if m != best and _within_spread(finals[best]["final"], finals[m]["final"])]
+            cell = f"{labels[best]} ({mean_std(finals[best]['final'])[0]:.{digits}f})"
+            if len(finals[best]["final"]) > 1:
+                cell += "; within the spread: " + ", ".join(ties) if ties else "; clear"
+            cells.append(cell)
         table.append([pair.title, *cells])
     header = ["pair", "0", *[f"{fraction:g}·E" for fraction in GRIDS[ctx.profile]]]
     return ("## Which method at which budget\n\nThe best ReLU model (mean final metric over seeds) at each "
-            "extra-step budget, and its metric; figures/budget_curves.png has every method's curve.\n\n"
-            + markdown_table(header, table) + "\n")
+            "extra-step budget, and its metric; with several seeds, the methods whose mean is within the two seed "
+            "spreads added (std + std) of the best, or \"clear\" where none is. figures/budget_curves.png has every "
+            "method's curve.\n\n" + markdown_table(header, table) + "\n")
+
+
+def _within_spread(a: list[float], b: list[float]) -> bool:
+    """Whether two methods' means are no further apart than their seed spreads added (std + std)."""
+    (mean_a, std_a), (mean_b, std_b) = mean_std(a), mean_std(b)
+    return abs(mean_a - mean_b) <= std_a + std_b
 
 
 def report(summary: dict[str, Any], pairs: list[PairSpec], ctx: StudyContext, meta: dict[str, Any],
