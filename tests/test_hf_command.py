@@ -119,6 +119,48 @@ def test_hf_best_runs_every_method_and_keeps_the_closest_on_validation(tmp_path,
         lg.assert_relu(transformers.AutoModel.from_pretrained(folders[name]), **batch)
 
 
+def test_hf_stopped_by_sigterm_after_training_resumes_without_training_again(tmp_path, tokenizer_dir, sentences,
+                                                                              capsys, monkeypatch):
+    """A real SIGTERM while ``hf`` scores its trained models (after training, outside any training loop) exits
+    128 + 15 with one line naming the kept run states; ``--resume`` trains no step again and writes what an
+    uninterrupted run writes."""
+    import signal
+
+    from lambda_gelu.runs import hf
+
+    model_dir = save_tiny(tmp_path / "bert", tokenizer_dir)
+    out, ref_out = tmp_path / "relu", tmp_path / "ref"
+    args = ["hf", model_dir, "--data", sentences, "--steps", "3", "--batch-size", "16", "--method",
+            "lambda-gelu", "--no-progress"]
+    code, err = run([*args, "--out", ref_out], capsys)
+    assert code == 0, err
+
+    scores = hf.held_out_scores
+
+    def stop_then_score(*a, **k):  # lambda-gelu has trained and swapped its gates
+        os.kill(os.getpid(), signal.SIGTERM)
+        return scores(*a, **k)
+
+    monkeypatch.setattr(hf, "held_out_scores", stop_then_score)
+    code, err = run([*args, "--out", out], capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 128 + signal.SIGTERM, err
+    assert last.startswith("lambda-gelu hf: interrupted by SIGTERM; the run state is kept in ") and \
+        last.endswith("--resume"), last
+    assert f"{out}.lambda-gelu.state" in last and not out.exists()
+    assert not list(tmp_path.glob(".relu.partial-*"))
+    monkeypatch.setattr(hf, "held_out_scores", scores)
+
+    code, err = run([*args, "--out", out, "--resume"], capsys)
+    assert code == 0, err
+    assert "lambda-gelu: resuming from step 3" in err
+    ours, reference = (json.loads((folder / "metrics.json").read_text())["methods"] for folder in (out, ref_out))
+    for name, row in reference.items():
+        for key in ("cosine_mean", "agreement_at_10", "final_loss"):
+            assert ours[name][key] == row[key], (name, key)
+    assert not list(tmp_path.glob("relu.*.state")), "the run states are removed once the folder is written"
+
+
 def test_hf_methods_run_the_one_asked_for_first_then_the_baselines():
     from lambda_gelu.runs.hf import METHODS, HFConfig
 

@@ -88,7 +88,8 @@ def train_reference() -> tuple[dict[str, torch.Tensor], list[float], list[dict]]
 
 
 @pytest.mark.parametrize(("stop_at", "signum"), [(1, signal.SIGINT), (19, signal.SIGTERM), (20, signal.SIGINT),
-                                                 (21, signal.SIGTERM), (44, signal.SIGINT)])
+                                                 (21, signal.SIGTERM), (44, signal.SIGINT),
+                                                 (45, signal.SIGTERM)])
 def test_training_stopped_by_a_signal_resumes_bitwise(tmp_path, train_reference, stop_at, signum, record_property):
     ref_state, ref_losses, ref_rows = train_reference
     model = _model()
@@ -120,9 +121,10 @@ def harden_reference(trained) -> tuple[dict[str, torch.Tensor], dict[str, torch.
     return model.state_dict(), hardener.target
 
 
-@pytest.mark.parametrize("stop_at", [1, 10, 23, 39])
+@pytest.mark.parametrize("stop_at", [1, 10, 23, 39, 40])
 def test_hardening_stopped_by_a_signal_resumes_bitwise(tmp_path, trained, harden_reference, stop_at, record_property):
-    """Mid-ramp, at a re-targeting step, and one step before the end: schedule, targets, teacher, RMS all resume."""
+    """Mid-ramp, at a re-targeting step, one step before the end and in the last step (the resume trains no more,
+    then swaps): schedule, targets, teacher, RMS all resume."""
     ref_state, ref_targets = harden_reference
     model = copy.deepcopy(trained)
     handle = _signal_at(model, stop_at, signal.SIGTERM)
@@ -141,14 +143,17 @@ def test_hardening_stopped_by_a_signal_resumes_bitwise(tmp_path, trained, harden
 
 
 def test_periodic_states_are_pruned_and_a_finished_run_resumes_to_the_end(tmp_path, train_reference):
+    """Every 10 steps and after the last (45) one; a resume from a middle state trains to the end."""
     model = _model()
     checkpointer = Checkpointer(tmp_path, every=10, keep=2)
     stats = FitStats()
     fit(model, SPLIT, TRAIN, progress=False, checkpointer=checkpointer, stats=stats)
-    assert [p.name for p in state_paths(tmp_path)] == ["state-00000030.safetensors", "state-00000040.safetensors"]
-    assert stats.saved[-1].endswith("state-00000040.safetensors") and len(stats.saved) == 4
-    again = _model()
-    losses = fit(again, SPLIT, TRAIN, progress=False, checkpointer=Checkpointer(tmp_path, resume=True))
+    assert [p.name for p in state_paths(tmp_path)] == ["state-00000040.safetensors", "state-00000045.safetensors"]
+    assert [Path(p).name for p in stats.saved] == [f"state-{n:08d}.safetensors" for n in (10, 20, 30, 40, 45)]
+    state_paths(tmp_path)[-1].unlink()  # resume from step 40
+    again, stats = _model(), FitStats()
+    losses = fit(again, SPLIT, TRAIN, progress=False, checkpointer=Checkpointer(tmp_path, resume=True), stats=stats)
+    assert stats.start_step == 40 and stats.steps_run == 5
     assert losses == train_reference[1] and _same(again.state_dict(), train_reference[0])
     checkpointer.clear()
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
@@ -222,6 +227,24 @@ def test_killed_hardening_subprocess_resumes_bitwise(tmp_path, input_checkpoint,
     assert not folder.exists(), "the run state is removed once the output is written"
     record_property("faults_injected", 2)
     record_property("runs_resumed", 2)
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does_and_leaves_nothing(tmp_path):
+    """SIGTERM to a ``lambda-gelu demo`` (it keeps no run state) while it trains: exit 128 + 15, one line, and
+    neither the run folder nor its staging folder is left."""
+    out = tmp_path / "demo"
+    process = subprocess.Popen(_cli("demo", "--out", str(out), "--steps", "100000", "--no-progress"), env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 150
+    while time.time() < deadline and process.poll() is None and not list((out / "..").resolve().glob(
+            ".demo.partial-*/checkpoints")):
+        time.sleep(0.01)
+    time.sleep(0.5)  # into training
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == "lambda-gelu demo: interrupted by SIGTERM", err
+    assert not any(tmp_path.iterdir()), list(tmp_path.iterdir())
 
 
 def test_cli_train_interrupted_and_resumed(tmp_path, capsys, record_property):

@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import json
 import shlex
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,14 @@ from lambda_gelu.models import ACTIVATIONS, MODELS, build_model, model_kwargs_fo
 from lambda_gelu.outputs import check_writable, staged_dir
 from lambda_gelu.pipeline import calibration_batches, harden, relu_copy
 from lambda_gelu.profile import HardnessRecorder, hardness, profile_table
-from lambda_gelu.resume import Checkpointer, TrainingInterrupted, graceful_stop, open_run_state
+from lambda_gelu.resume import (
+    Checkpointer,
+    TrainingInterrupted,
+    graceful_stop,
+    open_run_state,
+    saved_states,
+    sigterm_as_interrupt,
+)
 from lambda_gelu.runs.hf import BEST as HF_BEST
 from lambda_gelu.runs.hf import METHODS as HF_METHODS
 from lambda_gelu.runs.hf import TASKS as HF_TASKS
@@ -110,7 +118,8 @@ def _add_resume_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run saved in <out>.state (same options); starts afresh if none is saved")
     parser.add_argument("--checkpoint-every", type=_positive_int, default=0, metavar="N",
-                        help="also save the run state every N steps (default: only when stopped by a signal)")
+                        help="also save the run state every N steps (default: when stopped by a signal, and when "
+                        "training ends)")
 
 
 def _run_state(args: argparse.Namespace, out: Any) -> Checkpointer:
@@ -155,7 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     hf.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code")
     hf.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights, which can run code")
     hf.add_argument("--no-progress", action="store_true")
-    hf.add_argument("--resume", action="store_true", help="continue a run stopped by a signal (same options)")
+    hf.add_argument("--resume", action="store_true",
+                    help="continue a run stopped by a signal (same options) from OUT_DIR.<method>.state")
+    hf.add_argument("--checkpoint-every", type=_positive_int, default=0, metavar="N",
+                    help="also save each method's run state every N steps (default: when stopped by a signal, "
+                    "and when its training ends)")
 
     demo = sub.add_parser("demo", help="the whole pipeline on an embedded data set, with a report")
     demo.add_argument("--out", default="runs/demo", help="run folder to write (default: runs/demo)")
@@ -266,9 +279,10 @@ def _cmd_hf(args: argparse.Namespace, command: str) -> int:
                       batch_size=args.batch_size, lr=args.lr, tau=args.tau, per_channel=not args.per_layer,
                       seed=args.seed, max_length=args.max_length, text_field=args.text_field,
                       trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, onnx=args.onnx)
-    run = {k: v for k, v in vars(args).items() if k not in {"resume", "force", "no_progress", "command"}}
+    run = {k: v for k, v in vars(args).items()
+           if k not in {"resume", "force", "no_progress", "command", "checkpoint_every"}}
     metrics = run_hf(args.model_dir, args.data, args.out, config, force=args.force, progress=not args.no_progress,
-                     resume=args.resume, command=command, run_args=run)
+                     resume=args.resume, command=command, run_args=run, checkpoint_every=args.checkpoint_every)
     for row in metrics["methods"].values():
         shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith(("cosine_mean", "agreement", "kl")))
         print(f"{row['label']}: {shown} ({row['seconds']:.0f} s)")
@@ -452,19 +466,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     command = "lambda-gelu " + shlex.join(argv)
+    again = command if "--resume" in argv else f"{command} --resume"
     try:
-        return COMMANDS[args.command](args, command)
+        with sigterm_as_interrupt():
+            return COMMANDS[args.command](args, command)
     except TrainingInterrupted as stop:
-        again = command if "--resume" in argv else f"{command} --resume"
         if distributed.is_main():
             print(f"lambda-gelu {args.command}: {stop}; continue with: {again}", file=sys.stderr)
         return 128 + stop.signum
     except NonFiniteError as error:
         print(f"lambda-gelu {args.command}: error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("lambda-gelu: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (resume.Terminated), outside a training loop
+        signum = getattr(stop, "signum", signal.SIGINT)
+        kept = saved_states(args.out) if hasattr(args, "resume") and getattr(args, "out", None) else []
+        where = f"; the run state is kept in {', '.join(map(str, kept))}; continue with: {again}" if kept else ""
+        if distributed.is_main():
+            print(f"lambda-gelu {args.command}: interrupted by {signal.Signals(signum).name}{where}", file=sys.stderr)
+        return 128 + signum
     except (UsageError, ValueError, FileExistsError, FileNotFoundError, PermissionError) as error:
         print(f"lambda-gelu {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE

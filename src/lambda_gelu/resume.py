@@ -20,12 +20,17 @@ the tensor's name.
 :class:`GracefulStop` turns the first SIGTERM or SIGINT into a request that
 :func:`lambda_gelu.train.fit` honours at the next step boundary: it saves the
 state and raises :class:`TrainingInterrupted`; a second signal interrupts at once
-(the last complete state on disk is still intact).
+(the last complete state on disk is still intact). :func:`fit` also saves the
+state when its last step is done, so a stop while the command evaluates or
+writes its outputs resumes without training again. Outside a training loop,
+:func:`sigterm_as_interrupt` makes SIGTERM stop a command as Ctrl-C (SIGINT)
+does: cleanup runs, and the command says what happened.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import random
@@ -268,8 +273,8 @@ class Checkpointer:
 
     Args:
         folder: the state folder (created on the first save).
-        every: also save every ``every`` steps (0: only when stopped by a signal
-            or by too many non-finite steps).
+        every: also save every ``every`` steps (0: only when stopped by a signal,
+            by too many non-finite steps, and when the last step is done).
         keep: how many of the newest states to keep.
         meta: JSON metadata stored with every state (e.g. what the run is), for
             the caller to compare on resume.
@@ -325,6 +330,42 @@ class Checkpointer:
                     path.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 self.folder.rmdir()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside a training loop, raised where SIGINT raises KeyboardInterrupt."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(_signum: int, _frame: Any) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """``with sigterm_as_interrupt():`` a SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) in the block.
+
+    Without it a SIGTERM ends Python at once: no ``finally`` runs, staged
+    outputs stay behind and nothing is said. Only the main thread can set
+    handlers; elsewhere the block runs unchanged. A :class:`GracefulStop` inside
+    the block takes over while it is active.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def saved_states(out: str | Path) -> list[Path]:
+    """The state folders beside ``out`` that hold a run state: ``<out>.state`` and ``<out>.<part>.state``."""
+    out = Path(out)
+    folders = [state_folder(out), *sorted(out.parent.glob(glob.escape(out.name) + ".*.state"))]
+    return [folder for folder in folders if state_paths(folder)]
 
 
 @contextlib.contextmanager

@@ -378,7 +378,8 @@ def train_loop(
     (False: dropout off, as for distilling a pretrained model) and is returned
     with every submodule's own mode as it was before.
 
-    With a ``checkpointer`` the run saves its state as it declares, and on the
+    With a ``checkpointer`` the run saves its state as it declares and after its
+    last step (the caller clears it once its outputs are written), and on the
     first SIGTERM/SIGINT saves it and raises
     :class:`~lambda_gelu.resume.TrainingInterrupted`; if the checkpointer holds a
     state to resume (``Checkpointer(..., resume=True)``), the run continues from
@@ -479,6 +480,12 @@ def train_loop(
                     raise TrainingInterrupted(done, config.steps, path, signum or signal.SIGTERM)
             if checkpointer is not None and checkpointer.due(done):
                 stats.saved.append(str(checkpointer.save(done, run.state())))
+        if checkpointer is not None and config.steps > start and not checkpointer.due(config.steps):
+            # the trained weights outlive a stop while the caller evaluates and writes its outputs
+            stats.saved.append(str(checkpointer.save(config.steps, run.state())))
+        if watch and config.steps > start and distributed.any_rank(stop_requested() is not None):
+            raise TrainingInterrupted(config.steps, config.steps, checkpointer.last_saved if checkpointer else None,
+                                      stop_requested() or signal.SIGTERM)
     bar.close()
     distributed.check_same({name: m.lam for name, m in lambda_layers(model).items()})
     if stats.skipped:

@@ -520,8 +520,13 @@ def save_folder(stage: Path, run: MethodRun, processor: Any) -> None:
 
 def run_hf(model_dir: str | Path, data_path: str | Path, out: str | Path, config: HFConfig, *,
            force: bool = False, progress: bool = True, resume: bool = False, command: str = "",
-           run_args: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The whole ``lambda-gelu hf`` command; returns ``metrics.json``'s content. ``out`` appears only when complete."""
+           run_args: dict[str, Any] | None = None, checkpoint_every: int = 0) -> dict[str, Any]:
+    """The whole ``lambda-gelu hf`` command; returns ``metrics.json``'s content. ``out`` appears only when complete.
+
+    Each trained method keeps its run state in ``<out>.<method>.state`` (every ``checkpoint_every`` steps, on a
+    signal, and when its training ends) until ``out`` is written, so that ``resume`` continues a stopped run and
+    trains no finished method again.
+    """
     from lambda_gelu.outputs import check_writable, staged_dir
     from lambda_gelu.resume import open_run_state
 
@@ -542,7 +547,7 @@ def run_hf(model_dir: str | Path, data_path: str | Path, out: str | Path, config
     # a method's run state is its own, but --method best trains on fewer examples (the validation split)
     checkpointers = {m: open_run_state(out.with_name(f"{out.name}.{m}"),
                                        dict(run_args or {}, method=m, validation_split=config.method == BEST),
-                                       resume=resume, force=force) for m in trained}
+                                       resume=resume, force=force, every=checkpoint_every) for m in trained}
     for name, checkpointer in checkpointers.items():
         if checkpointer.resume_state is not None:
             print(f"{name}: resuming from step {checkpointer.resume_state.step} ({checkpointer.resume_state.path})",

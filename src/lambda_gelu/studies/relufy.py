@@ -254,8 +254,8 @@ def _targets(methods: dict[str, Any], metric) -> dict[str, Any]:
     ours_final, ft_final = mean_std(ours["final"])[0], mean_std(methods["swap_ft"]["final"])[0]
     baselines = (*(k for k in BUDGETED if k not in OURS), "direct_swap")
     best_baseline = _best(methods, baselines, metric)
-    ours_mean, ours_std = mean_std(ours["final"])
-    base_mean, base_std = mean_std(methods[best_baseline]["final"])
+    ours_mean = mean_std(ours["final"])[0]
+    base_mean = mean_std(methods[best_baseline]["final"])[0]
     return {
         "best_recipe": ours_key,
         "best_baseline": best_baseline,
