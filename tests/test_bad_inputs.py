@@ -1,7 +1,8 @@
 """Bad input, everywhere: one table of bad inputs for every CLI command and the public functions.
 
 Each case must give one clear line (exit code 2 and one line on stderr for the CLI; a ValueError or OSError
-subclass with a one-line message for a function) and leave every byte of the workspace as it was.
+subclass, or a TypeError for a wrong dtype, with a one-line message for a function) and leave every byte of the
+workspace as it was. A full disk exits with 1 instead, and leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -193,8 +194,15 @@ CLI_CASES: list[tuple[str, Callable[[Workspace], list[str]], str]] = [
     ("train-lr-zero", _train("--lr", "0"), "--lr"),
     ("train-lr-inf", _train("--lr", "inf"), "--lr"),
     ("train-batch-size-zero", _train("--batch-size", "0"), "--batch-size"),
-    ("train-weight-decay-negative", _train("--weight-decay", "-1"), "weight_decay"),
-    ("train-hardness-lr-negative", _train("--hardness-lr", "-0.5"), "hardness_lr"),
+    ("train-weight-decay-negative", _train("--weight-decay", "-1"), "--weight-decay"),
+    ("train-weight-decay-nan", _train("--weight-decay", "nan"), "--weight-decay"),
+    ("train-weight-decay-inf", _train("--weight-decay", "inf"), "--weight-decay"),
+    ("train-hardness-lr-negative", _train("--hardness-lr", "-0.5"), "--hardness-lr"),
+    ("train-hardness-lr-inf", _train("--hardness-lr", "inf"), "--hardness-lr"),
+    ("train-hardness-lr-nan", _train("--hardness-lr", "nan"), "--hardness-lr"),
+    ("train-seed-2-to-the-32", _train("--seed", "4294967296"), "--seed"),
+    ("train-seed-negative", _train("--seed", "-1"), "--seed"),
+    ("train-seed-not-an-integer", _train("--seed", "1.5"), "--seed"),
     ("train-unknown-dataset", _train("--dataset", "imagenet"), "--dataset"),
     ("train-unknown-model", _train("--model", "no-such-model"), "--model"),
     ("train-unknown-activation", _train("--activation", "swish"), "--activation"),
@@ -236,6 +244,12 @@ CLI_CASES: list[tuple[str, Callable[[Workspace], list[str]], str]] = [
     ("relufy-onnx-exists", lambda w: ["relufy", str(w.lam), "--out", w.new("r"), "--onnx", str(w.existing)],
      "already exists"),
     ("relufy-gelu-without-include-gelu", lambda w: ["relufy", str(w.gelu), "--out", w.new("r")], "matched"),
+    ("harden-seed-too-large", lambda w: ["harden", str(w.lam), "--out", w.new("h"), "--seed", str(2**40)], "--seed"),
+    ("demo-seed-too-large", lambda w: ["demo", "--out", w.new("d"), "--seed", str(2**32)], "--seed"),
+    ("check-epsilon-nan", lambda w: ["check", str(w.lam), "--out", w.new("c"), "--epsilon", "nan"], "--epsilon"),
+    ("check-epsilon-negative", lambda w: ["check", str(w.lam), "--out", w.new("c"), "--epsilon", "-0.1"], "--epsilon"),
+    ("study-seed-too-large", lambda w: ["study", "relufy", "--out", w.new("s"), "--seeds", "0", str(2**32)],
+     "--seeds"),
     # profile
     ("profile-missing-checkpoint", lambda w: ["profile", str(w.missing)], "no such checkpoint"),
     ("profile-truncated", lambda w: ["profile", str(w.truncated)], "truncated.safetensors"),
@@ -342,6 +356,18 @@ API_CASES: list[tuple[str, Callable[[Workspace], Any], str]] = [
     ("module-lambda-nan", lambda w: lg.LambdaGELU(init=float("nan")), "finite"),
     ("module-lambda-too-large", lambda w: lg.LambdaGELU(init=1e7), "1e+06"),
     ("module-channels-zero", lambda w: lg.LambdaGELU(num_channels=0), "num_channels"),
+    ("module-channels-bool", lambda w: lg.LambdaGELU(num_channels=True), "num_channels"),
+    ("op-integer-input", lambda w: lg.lambda_gelu(torch.arange(4), 2.0), "floating-point"),
+    ("op-bool-input", lambda w: lg.lambda_gelu(torch.ones(2, dtype=torch.bool), 2.0), "floating-point"),
+    ("module-integer-input", lambda w: lg.LambdaGELU(init=2.0)(torch.arange(4)), "floating-point"),
+    ("layer-targets-empty", lambda w: lg.layer_targets(_lam_model(), {"blocks.0.act": torch.empty(0)}),
+     "blocks.0.act has no samples"),
+    ("layer-targets-all-nan", lambda w: lg.layer_targets(_lam_model(), {"blocks.0.act": torch.full((9,), torch.nan)}),
+     "blocks.0.act has no finite sample"),
+    ("layer-targets-a-nan-channel",
+     lambda w: lg.layer_targets(_lam_model(), {"blocks.0.act": torch.randn(9, 3).index_fill_(1, torch.tensor([1]),
+                                                                                            float("nan"))}),
+     "in 1 of 3 channels"),
     ("module-init-count", lambda w: lg.LambdaGELU(init=[1.0, 2.0], num_channels=3), "init"),
     ("set-lambda-below-one", lambda w: lg.LambdaGELU().set_lambda_(0.99), "λ"),
     ("set-lambda-inf", lambda w: lg.LambdaGELU().set_lambda_(float("inf")), "λ"),
@@ -410,7 +436,7 @@ MNIST_API = [(f"load-mnist-{broken}", broken) for broken in [*MNIST_BREAKAGE, "n
 @pytest.mark.parametrize(("call", "mentions"), [pytest.param(c, m, id=i) for i, c, m in API_CASES])
 def test_api_bad_input_one_clear_error_nothing_touched(ws, call, mentions, record_property):
     before = snapshot(ws.root)
-    with pytest.raises((ValueError, OSError)) as info:
+    with pytest.raises((ValueError, OSError, TypeError)) as info:
         call(ws)
     message = str(info.value)
     assert message and len(message.splitlines()) == 1, message
@@ -427,4 +453,56 @@ def test_api_malformed_idx_files(ws, broken, record_property):
     message = str(info.value)
     assert len(message.splitlines()) == 1 and str(ws.mnist[broken]) in message, message
     assert snapshot(ws.root) == before
+    record_property("bad_inputs", 1)
+
+
+# ---------------------------------------------------------------- OS errors: one line, nothing half-written
+
+
+def _disk_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every safetensors write (checkpoints, run states) fails as on a full disk, after creating its file."""
+    import errno
+
+    import lambda_gelu.checkpoint as checkpoint
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+
+
+OS_CASES: list[tuple[str, Callable[[Workspace], list[str]]]] = [
+    ("train-disk-full", _train()),
+    ("train-disk-full-with-states", _train("--checkpoint-every", "1")),
+    ("harden-disk-full", lambda w: ["harden", str(w.lam), "--out", w.new("h.safetensors"), "--steps", "2",
+                                    "--no-progress"]),
+    ("relufy-disk-full", lambda w: ["relufy", str(w.lam), "--out", w.new("r.safetensors")]),
+    ("demo-disk-full", lambda w: ["demo", "--out", w.new("d"), "--steps", "2", "--harden-steps", "2",
+                                  "--no-progress"]),
+]
+
+
+@pytest.mark.parametrize("argv", [pytest.param(a, id=i) for i, a in OS_CASES])
+def test_cli_full_disk_one_line_exit_1_nothing_half_written(ws, argv, monkeypatch, capsys, record_property):
+    _disk_full(monkeypatch)
+    before = snapshot(ws.root)
+    code, err = _run_cli(argv(ws), capsys)
+    assert code == 1, err
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and "Traceback" not in err, err
+    assert snapshot(ws.root) == before  # no output, no state folder, no temporary file, no staging folder
+    record_property("bad_inputs", 1)
+
+
+def test_cli_os_error_of_the_users_path_one_line_exit_2(tmp_path, monkeypatch, capsys, record_property):
+    """``demo --out ''`` is the working folder itself: with --force its rename fails (EBUSY) once the run is done;
+    one line, exit 2, and the folder holds what it held."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.txt").write_text("mine\n")
+    before = snapshot(tmp_path)
+    code, err = _run_cli(["demo", "--out", "", "--force", "--steps", "2", "--harden-steps", "2", "--no-progress"],
+                         capsys)
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("lambda-gelu demo: error: ") and "busy" in err, err
+    assert snapshot(tmp_path) == before
     record_property("bad_inputs", 1)

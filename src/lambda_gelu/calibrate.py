@@ -187,10 +187,20 @@ def target_lambda(
 def layer_targets(
     model: nn.Module, samples: dict[str, torch.Tensor], tau: float = DEFAULT_TAU
 ) -> dict[str, torch.Tensor]:
-    """λ* for every LambdaGELU layer in ``samples`` (per channel where the layer is per-channel)."""
+    """λ* for every LambdaGELU layer in ``samples`` (per channel where the layer is per-channel).
+
+    Raises ValueError naming the layer when its samples are empty or all non-finite (for some channel), since
+    no λ* can be read from them.
+    """
     layers = activation_layers(model)
-    return {
-        name: target_lambda(values, tau, layer_approximation(layers[name]))
-        for name, values in samples.items()
-        if isinstance(layers.get(name), LambdaGELU)
-    }
+    targets = {}
+    for name, values in samples.items():
+        if not isinstance(layers.get(name), LambdaGELU):
+            continue
+        usable = values.isfinite().any(dim=0) if values.ndim else values.isfinite()
+        if values.numel() == 0 or not bool(usable.all()):
+            what = "no samples" if values.numel() == 0 else "no finite sample" + (
+                f" in {int((~usable).sum())} of {usable.numel()} channels" if usable.ndim else "")
+            raise ValueError(f"layer_targets: {name} has {what}; no λ* can be read from it")
+        targets[name] = target_lambda(values, tau, layer_approximation(layers[name]))
+    return targets

@@ -10,6 +10,7 @@ leaves a half-written checkpoint in place of a good one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -120,21 +121,28 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
     """Write a safetensors file atomically: temporary file in the same folder, fsync, rename, fsync the folder.
 
     A crash at any point leaves either the old file or the new one at ``path``,
-    never a mixture; the temporary file is removed if the write fails.
+    never a mixture; if the write fails, the temporary file and any folder made
+    for it are removed.
     """
     path = Path(path)
+    created = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
+    except BaseException:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        for folder in created:  # innermost first: leave the disk as it was
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return path
 
 

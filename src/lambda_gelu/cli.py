@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import shlex
@@ -44,6 +45,20 @@ from lambda_gelu.version import __version__
 EXIT_USAGE = 2
 
 
+USER_ERRNOS = frozenset({errno.ENOENT, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR,
+                         errno.EROFS, errno.EBUSY, errno.ENAMETOOLONG, errno.ELOOP, errno.EINVAL, errno.ENOTEMPTY,
+                         errno.EXDEV})
+"""OS errors that the paths given caused (exit 2); any other (a full disk, an I/O error) exits with 1."""
+
+
+def os_error_line(error: OSError) -> str:
+    """One line for an OSError: the path(s) and what failed (``str(error)`` when it carries its own message)."""
+    if error.strerror and error.filename is not None:
+        paths = f"{error.filename} -> {error.filename2}" if error.filename2 is not None else str(error.filename)
+        return f"{paths}: {error.strerror}"
+    return " ".join(str(error).split())
+
+
 class UsageError(Exception):
     """Bad input from the command line: reported as one line, exit code 2."""
 
@@ -72,6 +87,29 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
     if not value > 0 or value != value or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+SEED_RANGE = 2**32  # NumPy's seeds; torch's wider range would fold 2**32 onto 0 there
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < SEED_RANGE:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, {SEED_RANGE - 1}], got {value}")
     return value
 
 
@@ -159,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     hf.add_argument("--per-layer", action="store_true", help="one λ per gate instead of one per channel")
     hf.add_argument("--max-length", type=_positive_int, default=HFConfig.max_length, help="tokens per text example")
     hf.add_argument("--text-field", help="the field of a .jsonl/.csv/datasets record that holds the text")
-    hf.add_argument("--seed", type=int, default=0)
+    hf.add_argument("--seed", type=_seed, default=0)
     hf.add_argument("--onnx", action="store_true", help="also export model.onnx and check it with onnxruntime")
     hf.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code")
     hf.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights, which can run code")
@@ -174,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="run folder to write (default: runs/demo)")
     demo.add_argument("--force", action="store_true", help="replace the run folder if it exists")
     _add_data_args(demo, from_checkpoint=False)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--steps", type=_positive_int, default=3000, help="training steps per model")
     demo.add_argument("--harden-steps", type=_positive_int, default=600, help="ReLU-ization (and fine-tuning) steps")
     demo.add_argument("--tau", type=_unit_interval, default=HardenConfig.tau, help="per-layer tolerance τ")
@@ -190,11 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--per-channel", action="store_true", help="one λ per channel instead of per layer")
     train.add_argument("--steps", type=_positive_int, default=3000)
     train.add_argument("--lr", type=_positive_float, default=3e-3)
-    train.add_argument("--weight-decay", type=float, default=0.1)
-    train.add_argument("--hardness-lr", type=float, default=None, help="step size in log λ (default 0.02)")
+    train.add_argument("--weight-decay", type=_nonnegative_float, default=0.1)
+    train.add_argument("--hardness-lr", type=_positive_float, default=None, help="step size in log λ (default 0.02)")
     train.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     train.add_argument("--batch-size", type=_positive_int, default=64)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=_seed, default=0)
     train.add_argument("--record", help="also write λ every --record-every steps to this CSV file")
     train.add_argument("--record-every", type=_positive_int, default=10)
     train.add_argument("--no-progress", action="store_true")
@@ -209,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     hard.add_argument("--shape", choices=SHAPES, default=HardenConfig.shape)
     hard.add_argument("--distill-weight", type=_fraction, default=HardenConfig.distill_weight)
     hard.add_argument("--lr", type=_positive_float, default=HardenConfig.lr)
-    hard.add_argument("--seed", type=int, default=HardenConfig.seed)
+    hard.add_argument("--seed", type=_seed, default=HardenConfig.seed)
     hard.add_argument("--fold", action="store_true",
                       help="fold every change of a gate's mean into the Linear that reads it (bias correction)")
     hard.add_argument("--no-progress", action="store_true")
@@ -235,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("checkpoint", help="the ReLU-ized checkpoint (or a GELU-family one, or a demo run folder)")
     chk.add_argument("--gelu", help="the GELU original to compare with")
     _add_data_args(chk, from_checkpoint=True)
-    chk.add_argument("--epsilon", type=float, default=0.01, help="L∞ radius of the robustness queries (default 0.01)")
+    chk.add_argument("--epsilon", type=_positive_float, default=0.01,
+                     help="L∞ radius of the robustness queries (default 0.01)")
     chk.add_argument("--points", type=_positive_int, default=10, help="test points to verify (default 10)")
     chk.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds per Marabou query (default 10)")
     chk.add_argument("--repeats", type=_positive_int, default=30, help="latency measurements per model (default 30)")
@@ -251,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--quick", action="store_true", help="the quick profile (minutes instead of hours)")
     budget.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # test-only budget
     study.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), help="model × data pairs (default: the study's)")
-    study.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0 1 2; --quick: 0, or 0 1 where "
+    study.add_argument("--seeds", nargs="+", type=_seed, help="seeds (default: 0 1 2; --quick: 0, or 0 1 where "
                        "the study compares seeds)")
     study.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     study.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
@@ -461,6 +500,12 @@ COMMANDS = {"hf": _cmd_hf, "demo": _cmd_demo, "train": _cmd_train, "harden": _cm
             "profile": _cmd_profile, "check": _cmd_check, "study": _cmd_study}
 
 
+def _kept_states(args: argparse.Namespace, again: str) -> str:
+    """"; the run state is kept in ...; continue with: ..." when a stopped command left a run state to resume."""
+    kept = saved_states(args.out) if hasattr(args, "resume") and getattr(args, "out", None) else []
+    return f"; the run state is kept in {', '.join(map(str, kept))}; continue with: {again}" if kept else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lambda-gelu`` command; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -479,14 +524,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (resume.Terminated), outside a training loop
         signum = getattr(stop, "signum", signal.SIGINT)
-        kept = saved_states(args.out) if hasattr(args, "resume") and getattr(args, "out", None) else []
-        where = f"; the run state is kept in {', '.join(map(str, kept))}; continue with: {again}" if kept else ""
         if distributed.is_main():
-            print(f"lambda-gelu {args.command}: interrupted by {signal.Signals(signum).name}{where}", file=sys.stderr)
+            print(f"lambda-gelu {args.command}: interrupted by {signal.Signals(signum).name}"
+                  f"{_kept_states(args, again)}", file=sys.stderr)
         return 128 + signum
-    except (UsageError, ValueError, FileExistsError, FileNotFoundError, PermissionError) as error:
+    except (UsageError, ValueError) as error:
         print(f"lambda-gelu {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as error:  # one boundary for every file the command read or wrote
+        print(f"lambda-gelu {args.command}: error: {os_error_line(error)}{_kept_states(args, again)}",
+              file=sys.stderr)
+        return EXIT_USAGE if error.errno in USER_ERRNOS or error.errno is None else 1
     finally:
         distributed.shutdown()
 

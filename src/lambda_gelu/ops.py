@@ -356,7 +356,7 @@ def lambda_gelu(
     """Apply f(x; λ) = x·Φ(λx) = GELU(λx)/λ elementwise.
 
     Args:
-        x: input of any shape and floating dtype; the output has the same dtype.
+        x: input of any shape and floating dtype (others raise TypeError); the output has the same dtype.
         lam: hardness λ >= 1. A scalar, a tensor that broadcasts against ``x``, or
             (with ``dim``) a 1-D tensor holding one λ per channel along ``dim``.
         approximate: ``"none"`` for the exact (erf) form, ``"tanh"`` for the tanh
@@ -369,6 +369,8 @@ def lambda_gelu(
     """
     if approximate not in APPROXIMATIONS:
         raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+    if isinstance(x, torch.Tensor) and not x.is_floating_point():  # as F.gelu; an fx Proxy passes
+        raise TypeError(f"lambda_gelu needs a floating-point input, got {x.dtype}")
     if not isinstance(lam, torch.Tensor):
         lam = torch.tensor(float(lam), dtype=torch.float32, device=x.device)
     if dim is not None:

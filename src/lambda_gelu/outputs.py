@@ -44,9 +44,18 @@ def staged_dir(final: str | Path, force: bool = False) -> Iterator[Path]:
                 folder.rmdir()
         raise
     old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        final.rename(old / final.name)
-    stage.rename(final)
+    try:
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            final.rename(old / final.name)
+        stage.rename(final)
+    except BaseException:  # the swap failed: put the old output back, leave no staging folder
+        if old is not None:
+            if (old / final.name).exists() and not final.exists():
+                (old / final.name).rename(final)
+            with contextlib.suppress(OSError):
+                old.rmdir()  # only once emptied: never delete what the user had
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
