@@ -91,6 +91,11 @@ class Workspace:
     run_dir: Path  # a run folder that exists
     interrupted: Path  # the --out of a train run stopped by SIGINT (its state is saved)
     mnist: dict[str, Path]
+    dangling: Path  # a symlink to a missing path
+    nan_weight: Path
+    inf_weight: Path
+    state_is_a_file: Path  # an --out whose <out>.state is a file
+    bad_headers: dict[str, Path]  # checkpoints whose header has a field of the wrong type, or none
 
     @property
     def missing(self) -> Path:
@@ -99,6 +104,20 @@ class Workspace:
     def new(self, name: str) -> str:
         """A path that does not exist (and must still not exist afterwards)."""
         return str(self.root / "fresh" / name)
+
+
+def _edit_header(source: Path, target: Path, change: Callable[[dict[str, Any]], Any]) -> Path:
+    """A copy of the checkpoint ``source`` whose JSON header is ``change(header)`` (written as JSON)."""
+    import json
+
+    from safetensors import safe_open
+
+    from lambda_gelu.checkpoint import METADATA_KEY
+
+    with safe_open(str(source), "pt") as handle:
+        header = json.loads(handle.metadata()[METADATA_KEY])
+    save_file(load_file(str(source)), str(target), metadata={METADATA_KEY: json.dumps(change(header))})
+    return target
 
 
 def _edit(source: Path, target: Path, change: Callable[[dict[str, torch.Tensor]], None]) -> Path:
@@ -157,8 +176,26 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     if "mnist" in DATASETS:
         for broken in [*MNIST_BREAKAGE, "not-gzip"]:
             mnist[broken] = _mnist_dir(root / f"mnist-{broken}", broken)
+    nan_weight = _edit(lam, root / "nan_weight.safetensors", lambda t: t["blocks.0.fc.weight"].view(-1)[3:5].fill_(
+        float("nan")))
+    inf_weight = _edit(lam, root / "inf_weight.safetensors", lambda t: t["head.bias"].view(-1)[0:1].fill_(
+        float("-inf")))
+    headers = {
+        "layout-entry-a-string": lambda h: {**h, "layout": {name: "lambda_gelu" for name in h["layout"]}},
+        "metadata-a-list": lambda h: {**h, "metadata": [1, 2]},
+        "header-null": lambda h: None,
+        "model-kwargs-a-string": lambda h: {**h, "model_kwargs": "in_features=64"},
+        "no-model": lambda h: {k: v for k, v in h.items() if k != "model"},
+        "huge-model": lambda h: {**h, "model_kwargs": {**h["model_kwargs"], "hidden": [10**9]}},
+    }
+    bad_headers = {name: _edit_header(lam, root / f"header-{name}.safetensors", change)
+                   for name, change in headers.items()}
+    dangling = root / "dangling.safetensors"
+    dangling.symlink_to(root / "no-such-target")
+    state_is_a_file = root / "s.safetensors"
+    (root / "s.safetensors.state").write_text("not a folder\n")
     return Workspace(root, lam, gelu, relu, garbage, truncated, nan_lambda, wrong_shape, other_arch, existing,
-                     run_dir, interrupted, mnist)
+                     run_dir, interrupted, mnist, dangling, nan_weight, inf_weight, state_is_a_file, bad_headers)
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
@@ -240,6 +277,9 @@ CLI_CASES: list[tuple[str, Callable[[Workspace], list[str]], str]] = [
     ("relufy-missing-checkpoint", lambda w: ["relufy", str(w.missing), "--out", w.new("r")], "no such checkpoint"),
     ("relufy-garbage", lambda w: ["relufy", str(w.garbage), "--out", w.new("r")], "not a safetensors file"),
     ("relufy-nan-lambda", lambda w: ["relufy", str(w.nan_lambda), "--out", w.new("r")], "blocks.0.act"),
+    ("relufy-nan-weight", lambda w: ["relufy", str(w.nan_weight), "--out", w.new("r")],
+     "blocks.0.fc.weight holds non-finite"),
+    ("harden-inf-weight", lambda w: ["harden", str(w.inf_weight), "--out", w.new("h")], "head.bias"),
     ("relufy-out-exists", lambda w: ["relufy", str(w.lam), "--out", str(w.existing)], "already exists"),
     ("relufy-onnx-exists", lambda w: ["relufy", str(w.lam), "--out", w.new("r"), "--onnx", str(w.existing)],
      "already exists"),
@@ -250,6 +290,46 @@ CLI_CASES: list[tuple[str, Callable[[Workspace], list[str]], str]] = [
     ("check-epsilon-negative", lambda w: ["check", str(w.lam), "--out", w.new("c"), "--epsilon", "-0.1"], "--epsilon"),
     ("study-seed-too-large", lambda w: ["study", "relufy", "--out", w.new("s"), "--seeds", "0", str(2**32)],
      "--seeds"),
+    # outputs, planned before any work (every command goes through the same step)
+    ("train-record-is-out", lambda w: ["train", "--out", w.new("m.safetensors"), "--record", w.new("m.safetensors"),
+                                       "--steps", "2"], "same path"),
+    ("relufy-onnx-is-out", lambda w: ["relufy", str(w.lam), "--out", w.new("r"), "--onnx", w.new("r")], "same path"),
+    ("relufy-out-is-the-input", lambda w: ["relufy", str(w.lam), "--out", str(w.lam), "--force"], "is the input"),
+    ("harden-out-is-the-input", lambda w: ["harden", str(w.lam), "--out", str(w.lam), "--force"], "is the input"),
+    ("check-out-holds-the-input", lambda w: ["check", str(w.lam), "--out", str(w.root), "--force"], "holds the input"),
+    ("train-out-is-a-folder", lambda w: ["train", "--out", str(w.run_dir), "--force", "--steps", "2"], "is a folder"),
+    ("relufy-onnx-is-a-folder", lambda w: ["relufy", str(w.lam), "--out", w.new("r"), "--onnx", str(w.run_dir),
+                                           "--force"], "is a folder"),
+    ("profile-out-is-a-file", lambda w: ["profile", str(w.lam), "--out", str(w.existing), "--force"], "is a file"),
+    ("train-out-dangling-symlink", lambda w: ["train", "--out", str(w.dangling), "--steps", "2"], "symlink"),
+    ("demo-out-is-the-working-folder", lambda w: ["demo", "--out", "", "--force"], "working folder"),
+    ("train-out-under-a-file", lambda w: ["train", "--out", str(w.existing / "m.safetensors"), "--steps", "2"],
+     "is not a folder"),
+    ("study-out-is-the-cache", lambda w: ["study", "relufy", "--out", str(w.run_dir), "--cache", str(w.run_dir),
+                                          "--force"], "is the input --cache"),
+    ("train-state-folder-is-a-file", lambda w: ["train", "--out", str(w.state_is_a_file), "--steps", "2"],
+     "the run state"),
+    ("check-gelu-is-a-relu-model", lambda w: ["check", str(w.relu), "--gelu", str(w.relu), "--out", w.new("c")],
+     "not the GELU original"),
+    ("relufy-other-data-set", lambda w: ["relufy", str(w.lam), "--out", w.new("r"), "--dataset", "mnist1d"],
+     "does not fit the model of"),
+    ("harden-other-data-set", lambda w: ["harden", str(w.lam), "--out", w.new("h"), "--dataset", "mnist1d"],
+     "does not fit the model of"),
+    ("profile-other-data-set", lambda w: ["profile", str(w.lam), "--dataset", "mnist1d"], "does not fit"),
+    ("check-other-data-set", lambda w: ["check", str(w.relu), "--out", w.new("c"), "--dataset", "mnist1d"],
+     "does not fit"),
+    ("relufy-header-layout-entry-a-string",
+     lambda w: ["relufy", str(w.bad_headers["layout-entry-a-string"]), "--out", w.new("r")], "'layout.blocks.0.act'"),
+    ("harden-header-metadata-a-list", lambda w: ["harden", str(w.bad_headers["metadata-a-list"]), "--out", w.new("h")],
+     "field 'metadata' is list, expected dict"),
+    ("profile-header-null", lambda w: ["profile", str(w.bad_headers["header-null"])], "header is NoneType"),
+    ("check-header-model-kwargs", lambda w: ["check", str(w.bad_headers["model-kwargs-a-string"]), "--out",
+                                             w.new("c")], "'model_kwargs' is str"),
+    ("relufy-header-no-model", lambda w: ["relufy", str(w.bad_headers["no-model"]), "--out", w.new("r")],
+     "has no field 'model'"),
+    ("train-hidden-beyond-memory", _train("--hidden", "1000000000"), "more than this machine's memory"),
+    ("relufy-header-claims-a-huge-model", lambda w: ["relufy", str(w.bad_headers["huge-model"]), "--out", w.new("r")],
+     "more than this machine's memory"),
     # profile
     ("profile-missing-checkpoint", lambda w: ["profile", str(w.missing)], "no such checkpoint"),
     ("profile-truncated", lambda w: ["profile", str(w.truncated)], "truncated.safetensors"),
@@ -494,15 +574,20 @@ def test_cli_full_disk_one_line_exit_1_nothing_half_written(ws, argv, monkeypatc
     record_property("bad_inputs", 1)
 
 
-def test_cli_os_error_of_the_users_path_one_line_exit_2(tmp_path, monkeypatch, capsys, record_property):
-    """``demo --out ''`` is the working folder itself: with --force its rename fails (EBUSY) once the run is done;
-    one line, exit 2, and the folder holds what it held."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "keep.txt").write_text("mine\n")
-    before = snapshot(tmp_path)
-    code, err = _run_cli(["demo", "--out", "", "--force", "--steps", "2", "--harden-steps", "2", "--no-progress"],
-                         capsys)
+def test_cli_os_error_of_the_users_path_one_line_exit_2(ws, monkeypatch, capsys, record_property):
+    """A folder whose permissions change while the command runs (found only at the write): one line naming the
+    path, exit 2, nothing half-written."""
+    import errno
+
+    import lambda_gelu.checkpoint as checkpoint
+
+    def refused(tensors, filename, metadata=None):
+        raise PermissionError(errno.EACCES, "Permission denied", str(filename))
+
+    monkeypatch.setattr(checkpoint, "save_file", refused)
+    before = snapshot(ws.root)
+    code, err = _run_cli(["relufy", str(ws.lam), "--out", ws.new("r.safetensors")], capsys)
     assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("lambda-gelu demo: error: ") and "busy" in err, err
-    assert snapshot(tmp_path) == before
+    assert len(err.splitlines()) == 1 and "Permission denied" in err and "r.safetensors" in err, err
+    assert snapshot(ws.root) == before
     record_property("bad_inputs", 1)

@@ -366,6 +366,84 @@ def test_state_that_does_not_fit_the_run_is_refused(a_state, edit, needles, reco
     record_property("bad_inputs", 1)
 
 
+def _rewrite_header(path: Path, change) -> None:
+    """Apply ``change`` to the JSON header of the run state at ``path`` (its tensors, and so its digests, kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lambda_gelu.resume import STATE_KEY
+
+    with safe_open(str(path), "pt") as handle:
+        header = json.loads(handle.metadata()[STATE_KEY])
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    header = change(header)
+    save_file(tensors, str(path), metadata={STATE_KEY: json.dumps(header)})
+
+
+def _without(key):
+    return lambda h: {k: v for k, v in h.items() if k != key}
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (_without("step"), "no field 'step'"),
+        (lambda h: {**h, "step": "5"}, "field 'step' is str, expected int"),
+        (lambda h: {**h, "step": -5}, "'step' is -5"),
+        (lambda h: {**h, "digests": list(h["digests"])}, "field 'digests' is list, expected dict"),
+        (lambda h: {**h, "meta": [1, 2]}, "field 'meta' is list"),
+        (lambda h: None, "header is NoneType, not an object"),
+        (lambda h: {**h, "format": "2"}, "field 'format' is str"),
+    ],
+    ids=["no-step", "step-str", "step-negative", "digests-list", "meta-list", "header-null", "format-str"],
+)
+def test_run_state_header_is_checked_field_by_field(a_state, change, needle, record_property):
+    _rewrite_header(a_state, change)
+    with pytest.raises(CheckpointError) as info:
+        load_state(a_state)
+    message = str(info.value)
+    assert message.startswith(str(a_state)) and needle in message and len(message.splitlines()) == 1, message
+    record_property("bad_inputs", 1)
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda b: b["rng"][0].__setitem__("torch", torch.zeros(3, dtype=torch.uint8)), "'body.rng[0]'"),
+        (lambda b: b["rng"][0].__setitem__("numpy", ["PCG64", 1]), "'body.rng[0]'"),
+        (lambda b: b["rng"][0].pop("python"), "'body.rng[0]'"),
+        (lambda b: b.__setitem__("rng", []), "'body.rng' is empty"),
+        (lambda b: b.pop("optimizer"), "no field 'body.optimizer'"),
+    ],
+    ids=["torch-rng", "numpy-rng", "no-python-rng", "no-rng", "no-optimizer"],
+)
+def test_run_state_body_is_checked_before_anything_is_loaded(a_state, edit, needle, record_property):
+    saved = load_state(a_state)
+    edit(saved.body)
+    save_state(a_state, saved.step, saved.body, saved.meta)
+    before_rng = torch.get_rng_state()
+    with pytest.raises(CheckpointError) as info:
+        Checkpointer(a_state.parent, resume=True)
+    assert needle in str(info.value) and str(a_state) in str(info.value), str(info.value)
+    assert torch.equal(torch.get_rng_state(), before_rng), "a refused RNG state leaves this process's as it was"
+    record_property("bad_inputs", 1)
+
+
+def test_a_damaged_newest_state_resumes_from_the_older_one_and_says_so(tmp_path, caplog, record_property):
+    fit(_model(), SPLIT, TrainConfig(steps=10, warmup=0), progress=False, checkpointer=Checkpointer(tmp_path, every=5))
+    older, newest = state_paths(tmp_path)
+    data = bytearray(newest.read_bytes())
+    data[_tensor_offset(newest, "s/model/blocks.1.act.log_lam")] ^= 0x40
+    newest.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="lambda_gelu.resume"):
+        checkpointer = Checkpointer(tmp_path, resume=True)
+    assert checkpointer.resume_state.path == older and checkpointer.resume_state.step == 5
+    assert any(str(newest) in r.message and "corrupted" in r.message and f"resuming from the older state {older}"
+               in r.message for r in caplog.records), caplog.text
+    record_property("faults_injected", 1)
+    record_property("runs_resumed", 1)
+
+
 def test_state_from_another_architecture_is_refused(a_state):
     with pytest.raises(CheckpointError, match="shape") as info:
         fit(_model(hidden=(8, 16)), SPLIT, TrainConfig(steps=5, warmup=0), progress=False,
@@ -393,5 +471,14 @@ def test_open_run_state_refuses_discards_and_compares(tmp_path):
     assert "steps=46" in str(info.value)
     assert {p.name: p.read_bytes() for p in checkpointer.folder.iterdir()} == before
     assert open_run_state(out, run, resume=True, force=False).resume_state.step == 5  # tuple == list after JSON
+    from lambda_gelu.kernels import compile_mode, set_compile_mode
+
+    other = "off" if compile_mode() != "off" else "on"
+    previous = set_compile_mode(other)  # another arithmetic: the resume would not be bitwise
+    try:
+        with pytest.raises(ValueError, match=r"compile_mode=.*LAMBDA_GELU_COMPILE"):
+            open_run_state(out, run, resume=True, force=False)
+    finally:
+        set_compile_mode(previous)
     assert open_run_state(out, run, resume=False, force=True).resume_state is None
     assert not state_paths(checkpointer.folder), "--force without --resume discards the old state"

@@ -27,6 +27,7 @@ from lambda_gelu.gates import lambda_layers
 from lambda_gelu.gelu_types import gelu_approximation
 from lambda_gelu.models import build_model
 from lambda_gelu.module import RAW_KEY, LambdaGELU, lambda_state_problem, upgrade_lambda_state
+from lambda_gelu.outputs import umask_mode
 
 FORMAT_VERSION = 2
 """2: λ stored as log λ (key ``log_lam``, one layer's λ of shape (1,)).
@@ -132,6 +133,7 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, umask_mode(folder=False))  # mkstemp (and safetensors) write 0600; outputs follow the umask
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -144,6 +146,28 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
                 folder.rmdir()
         raise
     return path
+
+
+def check_fields(path: str | Path, record: Any, fields: dict[str, type], what: str, where: str = "") -> None:
+    """CheckpointError naming ``path`` and the field unless ``record`` is a dict holding ``fields`` of their types.
+
+    ``what`` names the kind of file ("checkpoint", "run state"), ``where`` the record inside its header.
+    """
+    prefix = f"{where}." if where else ""
+    if not isinstance(record, dict):
+        field = f"field '{where}'" if where else "header"
+        raise CheckpointError(f"{path}: the {what}'s {field} is {type(record).__name__}, not an object")
+    for name, kind in fields.items():
+        if name not in record:
+            raise CheckpointError(f"{path}: the {what} has no field '{prefix}{name}'")
+        value = record[name]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise CheckpointError(f"{path}: the {what}'s field '{prefix}{name}' is {type(value).__name__}, "
+                                  f"expected {kind.__name__}")
+
+
+HEADER_FIELDS = {"format_version": int, "model": str, "model_kwargs": dict, "layout": dict, "metadata": dict}
+"""A checkpoint header's fields and their JSON types."""
 
 
 def read_header(path: str | Path) -> dict[str, Any]:
@@ -162,8 +186,12 @@ def read_header(path: str | Path) -> dict[str, Any]:
         raise
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{path}: not a lambda-gelu checkpoint ({type(error).__name__})") from None
-    if header.get("format_version") not in READABLE_VERSIONS:
-        raise CheckpointError(f"{path}: unsupported checkpoint format {header.get('format_version')!r}")
+    check_fields(path, header, {"format_version": int}, "checkpoint")
+    if header["format_version"] not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path}: unsupported checkpoint format {header['format_version']!r}")
+    check_fields(path, header, HEADER_FIELDS, "checkpoint")
+    for name, spec in header["layout"].items():
+        check_fields(path, spec, {"kind": str}, "checkpoint", f"layout.{name}")
     return header
 
 
@@ -171,8 +199,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     """Rebuild the model saved at ``path``; returns ``(model, header)``.
 
     Everything is checked before the model is returned: the file's integrity,
-    the architecture (no missing or unexpected tensor, every shape), and every
-    λ (finite, >= 1); errors name the file and the layer.
+    the architecture (no missing or unexpected tensor, every shape), every
+    λ (finite, >= 1) and every weight finite; errors name the file and the tensor.
     """
     path = Path(path)
     header = read_header(path)
@@ -186,7 +214,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         apply_layout(model, header["layout"])
     except (TypeError, ValueError, KeyError) as error:
         raise CheckpointError(f"{path}: cannot rebuild the model ({error})") from None
-    check_weights(path, model, tensors)
+    check_weights(path, model, tensors, finite=True)
     try:
         model.load_state_dict(tensors)
     except RuntimeError as error:

@@ -6,6 +6,7 @@ import argparse
 import errno
 import hashlib
 import json
+import os
 import shlex
 import signal
 import sys
@@ -23,7 +24,8 @@ from lambda_gelu.data import DATASETS, Split, load_dataset
 from lambda_gelu.harden import HardenConfig
 from lambda_gelu.metrics import disruption, evaluate
 from lambda_gelu.models import ACTIVATIONS, MODELS, build_model, model_kwargs_for
-from lambda_gelu.outputs import check_writable, staged_dir
+from lambda_gelu.output_plan import Output, planned_outputs
+from lambda_gelu.outputs import staged_dir
 from lambda_gelu.pipeline import calibration_batches, harden, relu_copy
 from lambda_gelu.profile import HardnessRecorder, hardness, profile_table
 from lambda_gelu.resume import (
@@ -33,6 +35,7 @@ from lambda_gelu.resume import (
     open_run_state,
     saved_states,
     sigterm_as_interrupt,
+    state_folder,
 )
 from lambda_gelu.runs.hf import BEST as HF_BEST
 from lambda_gelu.runs.hf import METHODS as HF_METHODS
@@ -303,12 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _split_for(args: argparse.Namespace, header: dict[str, Any]) -> Split:
+def _split_for(args: argparse.Namespace, header: dict[str, Any], model: torch.nn.Module) -> Split:
+    """The data set of ``args.checkpoint`` (``--dataset`` overrides), checked against its model."""
     meta = header.get("metadata", {})
     name = args.dataset or meta.get("dataset")
     if name is None:
         raise UsageError("the checkpoint does not say which data set it was trained on; pass --dataset")
-    return load_dataset(name, args.data_dir, seed=int(meta.get("data_seed", 0)))
+    split = load_dataset(name, args.data_dir, seed=int(meta.get("data_seed", 0)))
+    split.check_fits(model, f"the model of {args.checkpoint}")
+    return split
 
 
 def _cmd_hf(args: argparse.Namespace, command: str) -> int:
@@ -347,9 +353,7 @@ def _cmd_demo(args: argparse.Namespace, command: str) -> int:
 
 def _cmd_train(args: argparse.Namespace, command: str) -> int:
     distributed.init_from_env()
-    out = check_writable(args.out, args.force)
-    if args.record:
-        check_writable(args.record, args.force)
+    out = Path(args.out)
     checkpointer = _run_state(args, out)
     split = load_dataset(args.dataset, args.data_dir, seed=args.seed)
     kwargs = model_kwargs_for(args.model, split.input_shape, split.num_classes, sequence=split.vocab is not None,
@@ -384,11 +388,11 @@ def _cmd_train(args: argparse.Namespace, command: str) -> int:
 
 def _cmd_harden(args: argparse.Namespace, command: str) -> int:
     distributed.init_from_env()
-    out = check_writable(args.out, args.force)
+    out = Path(args.out)
     model, header = load_checkpoint(args.checkpoint)
     args.checkpoint_sha256 = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()  # resume the same input
     checkpointer = _run_state(args, out)
-    split = _split_for(args, header)
+    split = _split_for(args, header, model)
     config = HardenConfig(steps=args.steps, tau=args.tau, shape=args.shape, distill_weight=args.distill_weight,
                           lr=args.lr, seed=args.seed, fold=args.fold)
     before = evaluate(model, split.test_batches())
@@ -415,11 +419,9 @@ def _say_skipped(stats: FitStats) -> None:
 
 
 def _cmd_relufy(args: argparse.Namespace, command: str) -> int:
-    out = check_writable(args.out, args.force)
-    if args.onnx:
-        check_writable(args.onnx, args.force)
+    out = Path(args.out)
     model, header = load_checkpoint(args.checkpoint)
-    split = _split_for(args, header)
+    split = _split_for(args, header, model)
     hardened_with = header.get("metadata", {}).get("harden") or {}
     if hardened_with.get("fold") and not args.fold:
         print("note: the checkpoint was hardened with --fold; without --fold here the swap itself is not folded",
@@ -449,16 +451,14 @@ def _cmd_relufy(args: argparse.Namespace, command: str) -> int:
 
 
 def _cmd_profile(args: argparse.Namespace, command: str) -> int:
-    if args.out:
-        check_writable(args.out, args.force)
     model, header = load_checkpoint(args.checkpoint)
     samples = None
     if args.dataset or header.get("metadata", {}).get("dataset"):
-        samples = calibrate(model, _split_for(args, header).train_batches())
+        samples = calibrate(model, _split_for(args, header, model).train_batches())
     profile = hardness(model, samples)
     table = profile_table(profile)
     print(table)
-    if args.out:
+    if args.out is not None:
         from lambda_gelu.plots import plot_gates, plot_profile
 
         with staged_dir(args.out, force=args.force) as stage:
@@ -484,7 +484,6 @@ def _cmd_check(args: argparse.Namespace, command: str) -> int:
 def _cmd_study(args: argparse.Namespace, command: str) -> int:
     from lambda_gelu.studies import StudyContext, run_study
 
-    check_writable(args.out, args.force)
     if args.threads:
         torch.set_num_threads(args.threads)
     profile = "tiny" if args.tiny else "quick" if args.quick else "full"
@@ -500,6 +499,26 @@ COMMANDS = {"hf": _cmd_hf, "demo": _cmd_demo, "train": _cmd_train, "harden": _cm
             "profile": _cmd_profile, "check": _cmd_check, "study": _cmd_study}
 
 
+WRITES = {"hf": (("out", "folder"),), "demo": (("out", "folder"),), "train": (("out", "file"), ("record", "file")),
+          "harden": (("out", "file"),), "relufy": (("out", "file"), ("onnx", "file")),
+          "profile": (("out", "folder"),), "check": (("out", "folder"),), "study": (("out", "folder"),)}
+"""What each command writes: (argument, file or folder)."""
+READS = ("model_dir", "data", "checkpoint", "gelu", "data_dir", "cache")
+"""The arguments that name what a command reads (the study's cache is read and written; no output may hold it)."""
+
+
+def _planned(args: argparse.Namespace) -> tuple[list[Output], list[tuple[str, str]]]:
+    """The outputs and inputs of ``args``' command, for :func:`~lambda_gelu.output_plan.planned_outputs`."""
+    outputs = [Output(Path(getattr(args, dest)), kind, "--" + dest)
+               for dest, kind in WRITES[args.command] if getattr(args, dest, None) is not None]
+    if hasattr(args, "checkpoint_every") and args.command != "hf":  # train, harden: the run state beside --out
+        outputs.append(Output(state_folder(args.out), "folder", "the run state of --out", may_exist=True,
+                              locked=False))
+    inputs = [("--" + dest.replace("_", "-") if dest not in ("model_dir", "checkpoint") else dest.upper(),
+               getattr(args, dest)) for dest in READS if getattr(args, dest, None)]
+    return outputs, inputs
+
+
 def _kept_states(args: argparse.Namespace, again: str) -> str:
     """"; the run state is kept in ...; continue with: ..." when a stopped command left a run state to resume."""
     kept = saved_states(args.out) if hasattr(args, "resume") and getattr(args, "out", None) else []
@@ -513,7 +532,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "lambda-gelu " + shlex.join(argv)
     again = command if "--resume" in argv else f"{command} --resume"
     try:
-        with sigterm_as_interrupt():
+        outputs, inputs = _planned(args)
+        # every output checked and locked before any work; under torchrun rank 0 holds the locks
+        with sigterm_as_interrupt(), planned_outputs(outputs, inputs, force=getattr(args, "force", False),
+                                                     lock=os.environ.get("RANK", "0") == "0"):
             return COMMANDS[args.command](args, command)
     except TrainingInterrupted as stop:
         if distributed.is_main():

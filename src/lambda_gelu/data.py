@@ -43,6 +43,25 @@ class Split:
     x_val: torch.Tensor | None = None
     y_val: torch.Tensor | None = None
 
+    def check_fits(self, model: torch.nn.Module, source: str) -> None:
+        """Raise ValueError unless ``model`` (from ``source``) takes these inputs and gives one output per class.
+
+        One forward pass on two test inputs, before any work: a data set of another input shape (or a vocabulary
+        the model has no embedding for) is named in one line instead of failing inside the model.
+        """
+        training = model.training
+        try:
+            with torch.no_grad():
+                out = model.eval()(self.x_test[:2])
+        except (RuntimeError, IndexError, ValueError) as error:
+            raise ValueError(f"data set {self.name!r} (inputs of shape {tuple(self.x_test.shape[1:])}) does not fit "
+                             f"{source}: {str(error).splitlines()[0]}") from None
+        finally:
+            model.train(training)
+        if out.shape[-1] != self.num_classes:
+            raise ValueError(f"data set {self.name!r} has {self.num_classes} classes, {source} has "
+                             f"{out.shape[-1]} outputs")
+
     def decode(self, tokens: torch.Tensor) -> str:
         """The text of a 1-D sequence of token ids (language-model data sets only)."""
         if self.vocab is None:

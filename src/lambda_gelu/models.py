@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -274,10 +275,31 @@ MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "resnet": ResNet, "vi
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
-    """Build a registered model by name with keyword arguments."""
+    """Build a registered model by name with keyword arguments.
+
+    The model is first built on the meta device (no memory) and refused with a ValueError if its weights alone
+    would not fit in this machine's memory: a typo'd width, or a checkpoint header claiming one, is one line, not
+    a failure inside the allocator.
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    with torch.device("meta"):
+        probe = MODELS[name](**kwargs)
+    size = sum(t.numel() * t.element_size() for t in (*probe.parameters(), *probe.buffers()))
+    memory = physical_memory()
+    if memory is not None and size > memory:
+        count = sum(p.numel() for p in probe.parameters())
+        raise ValueError(f"model {name!r} with {kwargs} would hold {count:,} parameters ({size / 2**30:.1f} GiB), "
+                         f"more than this machine's memory ({memory / 2**30:.1f} GiB)")
     return MODELS[name](**kwargs)
+
+
+def physical_memory() -> int | None:
+    """This machine's memory in bytes, where the OS says (else None)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def model_kwargs_for(

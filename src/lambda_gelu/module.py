@@ -144,12 +144,13 @@ class LambdaGELU(nn.Module):
             isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1
         ):
             raise ValueError(f"num_channels must be a positive int or None, got {num_channels!r}")
-        init_values = torch.as_tensor(init, dtype=torch.float64).flatten()
+        # validated on the CPU, so that a model can be built under ``torch.device("meta")`` (a size estimate, FSDP)
+        init_values = torch.as_tensor(init, dtype=torch.float64, device="cpu").flatten()
         shape = (1,) if num_channels is None else (num_channels,)
         if init_values.numel() not in (1, shape[0]):
             raise ValueError(f"init must hold 1 or {shape[0]} values, got {init_values.numel()}")
         _check_lambda_values(init_values, "LambdaGELU init")
-        raw = lambda_to_raw(init_values).expand(shape).clone()
+        raw = lambda_to_raw(init_values).expand(shape).clone().to(torch.get_default_device())
         if learnable:
             self.log_lam = nn.Parameter(raw)
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -12,6 +13,17 @@ from pathlib import Path
 
 class OutputExistsError(FileExistsError):
     """The output path exists and overwriting was not asked for."""
+
+
+def umask_mode(folder: bool) -> int:
+    """The mode ``open``/``mkdir`` would give a new file (0o666) or folder (0o777) under this process's umask.
+
+    ``tempfile.mkstemp``/``mkdtemp`` make private (0600/0700) files and folders; what they become (a checkpoint,
+    a run folder) follows the umask instead, as other tools' outputs do.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
 
 
 def check_writable(path: str | Path, force: bool) -> Path:
@@ -35,6 +47,7 @@ def staged_dir(final: str | Path, force: bool = False) -> Iterator[Path]:
     created = [p for p in [final.parent, *final.parent.parents] if not p.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    stage.chmod(umask_mode(folder=True))
     try:
         yield stage
     except BaseException:

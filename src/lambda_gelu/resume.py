@@ -33,6 +33,7 @@ import contextlib
 import glob
 import hashlib
 import json
+import logging
 import random
 import re
 import signal
@@ -48,11 +49,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from lambda_gelu import distributed
-from lambda_gelu.checkpoint import CheckpointError, write_safetensors
+from lambda_gelu.checkpoint import CheckpointError, check_fields, write_safetensors
 
 STATE_FORMAT = 2  # 2: λ stored as log λ (0.1 wrote 1, with log(λ − 1))
 STATE_KEY = "lambda_gelu_state"
 _NAME = re.compile(r"^state-(\d{8,})\.safetensors$")
+log = logging.getLogger(__name__)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -238,6 +240,7 @@ def load_state(path: str | Path) -> RunState:
         header = json.loads(raw)
     except ValueError:
         raise CheckpointError(f"{path}: the run state's header is not valid JSON") from None
+    check_fields(path, header, {"format": int}, "run state")
     if header.get("format") == 1:
         raise CheckpointError(
             f"{path}: a run state of lambda-gelu 0.1, whose optimizer state is for 0.1's storage of λ; "
@@ -245,7 +248,10 @@ def load_state(path: str | Path) -> RunState:
         )
     if header.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path}: unsupported run-state format {header.get('format')!r}")
-    digests = header.get("digests", {})
+    check_fields(path, header, {"step": int, "meta": dict, "body": dict, "digests": dict}, "run state")
+    if header["step"] < 0:
+        raise CheckpointError(f"{path}: the run state's field 'step' is {header['step']}, not a step count")
+    digests = header["digests"]
     if set(digests) != set(tensors):
         missing = sorted(set(digests) - set(tensors))[:3]
         raise CheckpointError(f"{path}: run state is incomplete (missing {missing})")
@@ -256,7 +262,43 @@ def load_state(path: str | Path) -> RunState:
         body = _unflatten(header["body"], tensors)
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: malformed run state ({type(error).__name__}: {error})") from None
-    return RunState(path=path, step=int(header["step"]), body=body, meta=header.get("meta", {}))
+    check_fields(path, body, {"config": dict, "model": dict, "optimizer": dict, "data": dict,
+                              "losses": torch.Tensor, "rng": list}, "run state", "body")
+    if not body["rng"]:
+        raise CheckpointError(f"{path}: the run state's field 'body.rng' is empty")
+    for i, entry in enumerate(body["rng"]):
+        _check_rng(path, entry, f"body.rng[{i}]")
+    return RunState(path=path, step=header["step"], body=body, meta=header["meta"])
+
+
+def _check_rng(path: Path, entry: Any, field_name: str) -> None:
+    """CheckpointError unless ``entry`` is an RNG state this process can take (tried, then undone)."""
+    mine = rng_state()
+    try:
+        set_rng_state(entry)
+    except (RuntimeError, TypeError, ValueError, KeyError, IndexError) as error:
+        raise CheckpointError(f"{path}: the run state's field '{field_name}' is not an RNG state of this "
+                              f"process ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+                              ) from None
+    finally:
+        set_rng_state(mine)
+
+
+def _newest_good_state(paths: list[Path]) -> RunState | None:
+    """The newest of ``paths`` that loads; a damaged newer one is named in a warning (all damaged: its error)."""
+    newest_error = None
+    for path in reversed(paths):
+        try:
+            state = load_state(path)
+        except CheckpointError as error:
+            newest_error = newest_error or error
+            continue
+        if newest_error is not None:
+            log.warning("%s; resuming from the older state %s (step %d)", newest_error, path, state.step)
+        return state
+    if newest_error is not None:
+        raise newest_error
+    return None
 
 
 def state_paths(folder: str | Path) -> list[Path]:
@@ -299,10 +341,8 @@ class Checkpointer:
         self.saved: list[Path] = []
         self.resume_state: RunState | None = None
         if resume:
-            paths = state_paths(self.folder)
-            if paths:
-                self.resume_state = load_state(paths[-1])
-                self.last_saved = paths[-1]
+            self.resume_state = _newest_good_state(state_paths(self.folder))
+            self.last_saved = self.resume_state.path if self.resume_state else None
 
     def due(self, step: int) -> bool:
         """Whether a periodic save falls after ``step`` completed steps."""
@@ -397,10 +437,12 @@ def open_run_state(
     with the same ``run``; with nothing saved yet, the run starts from step 0.
     Raises ValueError (FileExistsError for a refused state) with one clear line.
     """
+    from lambda_gelu.kernels import COMPILE_ENV, compile_mode
     from lambda_gelu.outputs import OutputExistsError
 
     folder = state_folder(out)
-    run = json.loads(json.dumps(run))  # the form it takes after a trip through the file
+    # the kernels' compile mode changes the arithmetic: a resume under another one would not be bitwise
+    run = json.loads(json.dumps(dict(run, compile_mode=compile_mode())))  # as after a trip through the file
     if not resume and state_paths(folder):
         if not force:
             raise OutputExistsError(
@@ -412,9 +454,12 @@ def open_run_state(
     if saved is not None:
         before = saved.meta.get("run", {})
         for key in sorted(set(before) | set(run)):
+            if key == "compile_mode" and key not in before:
+                continue  # saved before the mode was recorded
             if before.get(key) != run.get(key):
+                how = f"set {COMPILE_ENV} as it was" if key == "compile_mode" else "resume with the same options"
                 raise ValueError(
                     f"{saved.path}: the saved run has {key}={before.get(key)!r}, this command {key}={run.get(key)!r}; "
-                    "resume with the same options"
+                    + how
                 )
     return checkpointer

@@ -143,6 +143,9 @@ def load_subjects(checkpoint: str | Path, gelu: str | Path | None = None) -> lis
     subjects = [Subject("relu", str(path), model, header)]
     if gelu is not None:
         gelu_model, gelu_header = _load(gelu)
+        if not _smooth_gates(gelu_model):
+            raise CheckUsageError(f"--gelu {gelu} has no GELU-family gate, so it is not the GELU original; pass the "
+                                  "checkpoint the ReLU model was made from")
         subjects.insert(0, Subject("gelu", str(gelu), gelu_model, gelu_header))
     return subjects
 
@@ -160,7 +163,10 @@ def dataset_for(subjects: list[Subject], name: str | None, data_dir: str | None)
         name = names.pop()
     if len(seeds) > 1:
         raise CheckUsageError(f"the checkpoints were trained on different splits (data seeds {sorted(seeds)})")
-    return load_dataset(name, data_dir, seed=seeds.pop() if seeds else 0)
+    split = load_dataset(name, data_dir, seed=seeds.pop() if seeds else 0)
+    for subject in subjects:
+        split.check_fits(subject.model, f"the model of {subject.source}")
+    return split
 
 
 def _gate_summary(model: nn.Module) -> dict[str, int]:
