@@ -214,6 +214,31 @@ def test_load_non_finite_raw_raises_naming_layer(bad):
     assert torch.isfinite(target.blocks[0].act.lam).all()
 
 
+@pytest.mark.parametrize("made_by", ["build_model", "convert"])
+def test_a_bad_lambda_is_refused_before_any_weight_is_copied(made_by):
+    import lambda_gelu as lg
+    from lambda_gelu.models import build_model
+
+    def make(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        if made_by == "build_model":
+            return build_model("mlp", in_features=8, num_classes=3, hidden=[6, 5], activation="lambda_gelu")
+        model = build_model("mlp", in_features=8, num_classes=3, hidden=[6, 5], activation="gelu")
+        lg.convert(model)
+        return model
+
+    sd = make(1).state_dict()
+    sd["blocks.1.act.log_lam"] = torch.tensor([float("nan")])  # visited after blocks.0's weights
+    target = make(0)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"blocks\.1\.act.*nothing was loaded"):
+        target.load_state_dict(sd)
+    after = target.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before), "no weight was copied"
+    target.load_state_dict(make(1).state_dict())  # a good one still loads
+    assert torch.equal(target.blocks[0].fc.weight, make(1).blocks[0].fc.weight)
+
+
 def test_load_wrong_shape_raises_naming_layer():
     model = MLP(8, 3, hidden=(6, 5), activation="lambda_gelu")
     sd = model.state_dict()

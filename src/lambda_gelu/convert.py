@@ -33,7 +33,7 @@ from lambda_gelu.gates import (
     refresh_fast_path_flags,
 )
 from lambda_gelu.gelu_types import GELU_REGISTRY, gelu_approximation, is_gelu, lookalike_reason
-from lambda_gelu.module import LambdaGELU
+from lambda_gelu.module import LambdaGELU, guard_lambda_loads
 
 ModuleFilter = Callable[[nn.Module, str], bool]
 
@@ -269,6 +269,7 @@ def convert(
                 FunctionalGELUWarning,
                 stacklevel=2,
             )
+    guard_lambda_loads(model)  # a bad λ in a later load_state_dict is refused before any weight is copied
     return changed
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lambda_gelu.module import LambdaGELU
+from lambda_gelu.module import LambdaGELU, guard_lambda_loads
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "gelu": nn.GELU,
@@ -291,7 +291,7 @@ def build_model(name: str, **kwargs) -> nn.Module:
         count = sum(p.numel() for p in probe.parameters())
         raise ValueError(f"model {name!r} with {kwargs} would hold {count:,} parameters ({size / 2**30:.1f} GiB), "
                          f"more than this machine's memory ({memory / 2**30:.1f} GiB)")
-    return MODELS[name](**kwargs)
+    return guard_lambda_loads(MODELS[name](**kwargs))
 
 
 def physical_memory() -> int | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -249,3 +250,38 @@ def lambda_state_problem(raw: torch.Tensor, shape: tuple[int, ...]) -> str | Non
     if not raw.is_floating_point() or not bool(torch.isfinite(raw).all()) or bool((raw > RAW_MAX).any()):
         return "λ would be non-finite (or above 1e6)"
     return None
+
+
+def _refuse_bad_lambdas(root: nn.Module, state_dict: dict[str, Any], prefix: str, *_args: Any) -> None:
+    """Pre-hook of ``root.load_state_dict``: every λ entry is checked before any weight is copied."""
+    problems = []
+    for name, module in root.named_modules(prefix=prefix.rstrip(".")):
+        if not isinstance(module, LambdaGELU):
+            continue
+        key = f"{name}.{RAW_KEY}" if name else RAW_KEY
+        legacy = f"{name}.{LEGACY_RAW_KEY}" if name else LEGACY_RAW_KEY
+        raw = state_dict.get(key)
+        if raw is None and legacy in state_dict:
+            raw = upgrade_lambda_state({legacy: state_dict[legacy]})[key]
+        if isinstance(raw, torch.Tensor):
+            shape = tuple(module.log_lam.shape)
+            if raw.ndim == 0 and module.num_channels is None:
+                raw = raw.reshape(1)
+            if (problem := lambda_state_problem(raw, shape)) is not None:
+                problems.append(f"layer {name or '<root>'}: {problem}")
+    if problems:
+        raise RuntimeError(f"Error(s) in loading state_dict for {type(root).__name__}: {'; '.join(problems)}; "
+                           "nothing was loaded")
+
+
+def guard_lambda_loads(model: nn.Module) -> nn.Module:
+    """Make ``model.load_state_dict`` check every λ before it copies any weight (returns ``model``; idempotent).
+
+    Without it torch copies the weights of the modules it visits first and only then meets a layer's bad λ.
+    :func:`lambda_gelu.convert` and :func:`lambda_gelu.models.build_model` call it on the model they return;
+    call it on a model you assemble from :class:`LambdaGELU` layers yourself.
+    """
+    if not getattr(model, "_lambda_gelu_guarded", False):
+        model.register_load_state_dict_pre_hook(_refuse_bad_lambdas)
+        model._lambda_gelu_guarded = True
+    return model
