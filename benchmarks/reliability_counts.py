@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 FILES = ["tests/test_bad_inputs.py", "tests/test_resume.py", "tests/test_reliability.py",
-         "tests/test_numerics_property.py", "tests/test_distributed.py", "tests/test_checkpoint.py"]
+         "tests/test_numerics_property.py", "tests/test_distributed.py", "tests/test_checkpoint.py",
+         "tests/test_output_plan.py"]
 KINDS = {"bad_inputs": "bad inputs tried", "faults_injected": "faults injected",
          "runs_resumed": "runs resumed", "distributed_runs": "2-process runs compared with 1 process"}
 

@@ -17,7 +17,7 @@ from lambda_gelu.resume import state_paths
 fcntl = pytest.importorskip("fcntl", reason="output locks need fcntl (POSIX)")
 
 
-def test_a_second_lock_on_the_same_output_is_refused_naming_the_holder(tmp_path):
+def test_a_second_lock_on_the_same_output_is_refused_naming_the_holder(tmp_path, record_property):
     where = tmp_path / "new" / "deeper" / "model.safetensors"
     lock = where.parent / ".model.safetensors.lock"
     with output_lock(where, "--out"):
@@ -28,14 +28,16 @@ def test_a_second_lock_on_the_same_output_is_refused_naming_the_holder(tmp_path)
                 pass
         assert lock.exists(), "the refused attempt leaves the holder's lock alone"
     assert not (tmp_path / "new").exists(), "the lock file and the folders made for it are gone"
+    record_property("bad_inputs", 1)
 
 
-def test_a_stale_lock_file_of_a_killed_run_does_not_block(tmp_path):
+def test_a_stale_lock_file_of_a_killed_run_does_not_block(tmp_path, record_property):
     where = tmp_path / "out"
     (tmp_path / ".out.lock").write_text("pid 999999\n")  # left by a SIGKILLed run: the file, but no lock held
     with planned_outputs([Output(where, "folder", "--out")]) as paths:
         assert paths == [where]
     assert not (tmp_path / ".out.lock").exists()
+    record_property("faults_injected", 1)
 
 
 def test_outputs_are_checked_against_each_other_and_the_inputs(tmp_path):
@@ -53,7 +55,7 @@ def test_outputs_are_checked_against_each_other_and_the_inputs(tmp_path):
         assert paths == [tmp_path / "fresh"]
 
 
-def test_two_runs_on_one_output_the_second_refuses_while_the_first_writes(tmp_path, capsys):
+def test_two_runs_on_one_output_the_second_refuses_while_the_first_writes(tmp_path, capsys, record_property):
     out = tmp_path / "m.safetensors"
     args = ["train", "--out", str(out), "--hidden", "8", "--no-progress"]
     first = subprocess.Popen([sys.executable, "-m", "lambda_gelu.cli", *args, "--steps", "100000",
@@ -74,6 +76,8 @@ def test_two_runs_on_one_output_the_second_refuses_while_the_first_writes(tmp_pa
     _, first_err = first.communicate(timeout=60)
     assert first.returncode == 128 + signal.SIGTERM, first_err
     assert not lock.exists() and not out.exists()
+    record_property("bad_inputs", 1)
+    record_property("faults_injected", 1)
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
