@@ -97,3 +97,11 @@ def test_checkpoints_and_run_folders_follow_the_umask(tmp_path, umask):
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "run").stat().st_mode & 0o777 == 0o777 & ~umask
     assert (tmp_path / "run" / "report.md").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_outputs_in_folders_that_do_not_exist_yet_are_made_and_written(tmp_path, capsys):
+    out, record = tmp_path / "a" / "m.safetensors", tmp_path / "b" / "c" / "lam.csv"
+    assert main(["train", "--out", str(out), "--record", str(record), "--steps", "3", "--hidden", "8",
+                 "--no-progress"]) == 0
+    assert out.is_file() and record.read_text().startswith("step,layer,lam")
+    assert sorted(p.name for p in tmp_path.rglob(".*")) == [], "no lock or temporary file left"

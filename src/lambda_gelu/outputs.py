@@ -26,6 +26,33 @@ def umask_mode(folder: bool) -> int:
     return (0o777 if folder else 0o666) & ~mask
 
 
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file beside it and a rename (mode from the umask).
+
+    A failure leaves ``path`` as it was, no temporary file, and no folder made for it.
+    """
+    path = Path(path)
+    created = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, umask_mode(folder=False))
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        for folder in created:  # innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    return path
+
+
 def check_writable(path: str | Path, force: bool) -> Path:
     """Refuse an existing ``path`` unless ``force``; make sure its parent can be created."""
     path = Path(path)

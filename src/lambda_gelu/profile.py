@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -117,11 +118,14 @@ class HardnessRecorder:
         return out
 
     def to_csv(self, path: str | Path) -> None:
-        """Write the rows as CSV (header: step, layer, lam, lam_min, lam_max)."""
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["step", "layer", "lam", "lam_min", "lam_max"])
-            writer.writeheader()
-            writer.writerows(self.rows)
+        """Write the rows as CSV (header: step, layer, lam, lam_min, lam_max), atomically."""
+        from lambda_gelu.outputs import write_text_atomic
+
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=["step", "layer", "lam", "lam_min", "lam_max"])
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text_atomic(path, text.getvalue())
 
     def to_json(self, path: str | Path) -> None:
         """Write the rows as a JSON list."""
