@@ -574,20 +574,37 @@ def test_cli_full_disk_one_line_exit_1_nothing_half_written(ws, argv, monkeypatc
     record_property("bad_inputs", 1)
 
 
-def test_cli_os_error_of_the_users_path_one_line_exit_2(ws, monkeypatch, capsys, record_property):
-    """A folder whose permissions change while the command runs (found only at the write): one line naming the
-    path, exit 2, nothing half-written."""
+@pytest.mark.parametrize(("errno_name", "text"), [("EACCES", "Permission denied"),
+                                                  ("EROFS", "Read-only file system"), ("EISDIR", "Is a directory")])
+def test_cli_os_error_of_the_users_path_one_line_exit_2(ws, monkeypatch, capsys, record_property, errno_name, text):
+    """A folder whose permissions change, or whose file system turns read-only, while the command runs (found
+    only at the write): one line naming the path, exit 2, nothing half-written."""
     import errno
 
     import lambda_gelu.checkpoint as checkpoint
 
     def refused(tensors, filename, metadata=None):
-        raise PermissionError(errno.EACCES, "Permission denied", str(filename))
+        raise OSError(getattr(errno, errno_name), text, str(filename))
 
     monkeypatch.setattr(checkpoint, "save_file", refused)
     before = snapshot(ws.root)
     code, err = _run_cli(["relufy", str(ws.lam), "--out", ws.new("r.safetensors")], capsys)
     assert code == 2, err
-    assert len(err.splitlines()) == 1 and "Permission denied" in err and "r.safetensors" in err, err
+    assert len(err.splitlines()) == 1 and text in err and "r.safetensors" in err, err
     assert snapshot(ws.root) == before
+    record_property("bad_inputs", 1)
+
+
+@pytest.mark.skipif(ROOT, reason="running as root: permissions do not stop writes")
+def test_cli_read_only_folder_is_refused_before_any_work(ws, tmp_path, capsys, record_property):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        code, err = _run_cli(["train", "--out", str(folder / "m.safetensors"), "--steps", "2", "--hidden", "8",
+                              "--no-progress"], capsys)
+    finally:
+        folder.chmod(0o755)
+    assert code == 2 and "cannot write in" in err and len(err.splitlines()) == 1, err
+    assert not any(folder.iterdir())
     record_property("bad_inputs", 1)
