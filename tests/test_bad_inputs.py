@@ -302,7 +302,10 @@ CLI_CASES: list[tuple[str, Callable[[Workspace], list[str]], str]] = [
                                            "--force"], "is a folder"),
     ("profile-out-is-a-file", lambda w: ["profile", str(w.lam), "--out", str(w.existing), "--force"], "is a file"),
     ("train-out-dangling-symlink", lambda w: ["train", "--out", str(w.dangling), "--steps", "2"], "symlink"),
-    ("demo-out-is-the-working-folder", lambda w: ["demo", "--out", "", "--force"], "working folder"),
+    ("demo-out-is-the-working-folder", lambda w: ["demo", "--out", ".", "--force"], "working folder"),
+    ("demo-out-is-above-the-working-folder", lambda w: ["demo", "--out", "..", "--force"], "working folder"),
+    ("demo-out-empty", lambda w: ["demo", "--out", "", "--force"], "--out is empty"),
+    ("train-out-empty", lambda w: ["train", "--out", "", "--steps", "2"], "--out is empty"),
     ("train-out-under-a-file", lambda w: ["train", "--out", str(w.existing / "m.safetensors"), "--steps", "2"],
      "is not a folder"),
     ("study-out-is-the-cache", lambda w: ["study", "relufy", "--out", str(w.run_dir), "--cache", str(w.run_dir),
@@ -558,6 +561,8 @@ OS_CASES: list[tuple[str, Callable[[Workspace], list[str]]]] = [
     ("harden-disk-full", lambda w: ["harden", str(w.lam), "--out", w.new("h.safetensors"), "--steps", "2",
                                     "--no-progress"]),
     ("relufy-disk-full", lambda w: ["relufy", str(w.lam), "--out", w.new("r.safetensors")]),
+    ("relufy-onnx-disk-full", lambda w: ["relufy", str(w.lam), "--out", w.new("r.safetensors"), "--onnx",
+                                         w.new("r.onnx")]),  # the export succeeds, the checkpoint fails: neither
     ("demo-disk-full", lambda w: ["demo", "--out", w.new("d"), "--steps", "2", "--harden-steps", "2",
                                   "--no-progress"]),
 ]

@@ -105,3 +105,30 @@ def test_outputs_in_folders_that_do_not_exist_yet_are_made_and_written(tmp_path,
                  "--no-progress"]) == 0
     assert out.is_file() and record.read_text().startswith("step,layer,lam")
     assert sorted(p.name for p in tmp_path.rglob(".*")) == [], "no lock or temporary file left"
+
+
+def test_a_path_through_a_link_and_dotdot_is_checked_where_the_os_writes_it(tmp_path, monkeypatch, capsys):
+    """``link/..`` is the folder above the link's target (the OS's view), not the folder holding the link."""
+    (tmp_path / "c3").mkdir()
+    (tmp_path / "c4" / "sub").mkdir(parents=True)
+    (tmp_path / "c3" / "l").symlink_to(tmp_path / "c4" / "sub")
+    victim = tmp_path / "c4" / "victim.safetensors"
+    victim.write_text("precious\n")
+    monkeypatch.chdir(tmp_path / "c3")
+    assert main(["train", "--out", "l/../m.safetensors", "--steps", "2", "--hidden", "8", "--no-progress"]) == 0
+    assert (tmp_path / "c4" / "m.safetensors").is_file() and not (tmp_path / "c3" / "m.safetensors").exists()
+    capsys.readouterr()
+    code = main(["relufy", str(tmp_path / "c4" / "m.safetensors"), "--out", "l/../victim.safetensors"])
+    assert code == 2 and "already exists" in capsys.readouterr().err
+    assert victim.read_text() == "precious\n"
+
+
+def test_the_run_state_folder_is_locked_with_its_output(tmp_path, capsys):
+    out = tmp_path / "m.safetensors"
+    state = tmp_path / "m.safetensors.state"
+    held = [Output(out, "file", "--out"), Output(state, "folder", "the run state of --out", may_exist=True)]
+    with planned_outputs(held):  # as a running `train --out m.safetensors` holds them
+        capsys.readouterr()
+        assert main(["train", "--out", str(state), "--steps", "2", "--hidden", "8", "--no-progress"]) == 2
+        assert "being written by another run" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -366,17 +366,20 @@ def test_state_that_does_not_fit_the_run_is_refused(a_state, edit, needles, reco
     record_property("bad_inputs", 1)
 
 
-def _rewrite_header(path: Path, change) -> None:
-    """Apply ``change`` to the JSON header of the run state at ``path`` (its tensors, and so its digests, kept)."""
+def _rewrite_header(path: Path, change, rehash: bool = True) -> None:
+    """Apply ``change`` to the JSON header of the run state at ``path`` (its tensors, and so their digests, kept;
+    with ``rehash`` the header's own checksum is recomputed, as a deliberate edit would)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from lambda_gelu.resume import STATE_KEY
+    from lambda_gelu.resume import STATE_KEY, _header_digest
 
     with safe_open(str(path), "pt") as handle:
         header = json.loads(handle.metadata()[STATE_KEY])
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     header = change(header)
+    if rehash and isinstance(header, dict):
+        header["header_sha256"] = _header_digest(header)
     save_file(tensors, str(path), metadata={STATE_KEY: json.dumps(header)})
 
 
@@ -427,6 +430,26 @@ def test_run_state_body_is_checked_before_anything_is_loaded(a_state, edit, need
     assert needle in str(info.value) and str(a_state) in str(info.value), str(info.value)
     assert torch.equal(torch.get_rng_state(), before_rng), "a refused RNG state leaves this process's as it was"
     record_property("bad_inputs", 1)
+
+
+def test_a_damaged_header_is_caught_by_its_checksum_and_the_older_state_resumes(tmp_path, caplog, record_property):
+    """A tensor marker in the newest state's header changed (as a flipped byte would): its checksum catches it,
+    and the resume goes on from the older state instead of failing inside the optimizer."""
+    fit(_model(), SPLIT, TrainConfig(steps=10, warmup=0), progress=False, checkpointer=Checkpointer(tmp_path, every=5))
+    older, newest = state_paths(tmp_path)
+
+    def break_a_marker(header):
+        text = json.dumps(header["body"])
+        first = text.index('"__tensor__": "') + len('"__tensor__": "')
+        header["body"] = json.loads(text[:first] + "s/nowhere/" + text[first:])
+        return header
+
+    _rewrite_header(newest, break_a_marker, rehash=False)
+    with pytest.raises(CheckpointError, match="header is corrupted"):
+        load_state(newest)
+    with caplog.at_level("WARNING", logger="lambda_gelu.resume"):
+        assert Checkpointer(tmp_path, resume=True).resume_state.path == older
+    record_property("faults_injected", 1)
 
 
 def test_a_damaged_newest_state_resumes_from_the_older_one_and_says_so(tmp_path, caplog, record_property):

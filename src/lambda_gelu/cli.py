@@ -24,7 +24,7 @@ from lambda_gelu.data import DATASETS, Split, load_dataset
 from lambda_gelu.harden import HardenConfig
 from lambda_gelu.metrics import disruption, evaluate
 from lambda_gelu.models import ACTIVATIONS, MODELS, build_model, model_kwargs_for
-from lambda_gelu.output_plan import Output, planned_outputs
+from lambda_gelu.output_plan import Output, landing, planned_outputs
 from lambda_gelu.outputs import staged_dir
 from lambda_gelu.pipeline import calibration_batches, harden, relu_copy
 from lambda_gelu.profile import HardnessRecorder, hardness, profile_table
@@ -433,17 +433,24 @@ def _cmd_relufy(args: argparse.Namespace, command: str) -> int:
     report = disruption(model, relu_model, split.test_batches())
     meta = dict(header.get("metadata", {}), relufy=report.to_dict(), command=command,
                 test_accuracy=report.accuracy_after)
-    save_checkpoint(out, relu_model, header["model"], header["model_kwargs"], meta)
+    onnx = None
+    if args.onnx:  # first: the export is the step more likely to fail, and then nothing is written
+        from lambda_gelu.export import check_onnx, export_onnx
+
+        export_onnx(relu_model, split.x_test[:2], args.onnx)
+        onnx = check_onnx(relu_model, split.x_test, args.onnx)
+    try:
+        save_checkpoint(out, relu_model, header["model"], header["model_kwargs"], meta)
+    except BaseException:
+        if args.onnx:
+            Path(args.onnx).unlink(missing_ok=True)  # both outputs or neither
+        raise
     print(f"accuracy {report.accuracy_before:.2f}% -> {report.accuracy_after:.2f}% "
           f"(drop {report.accuracy_before - report.accuracy_after:+.2f}), loss {report.loss_before:.4f} -> "
           f"{report.loss_after:.4f}, KL {report.kl:.2e}")
     for name, value in report.layer_discrepancy.items():
         print(f"  {name}: D(λ) = {value:.2e}")
-    if args.onnx:
-        from lambda_gelu.export import check_onnx, export_onnx
-
-        export_onnx(relu_model, split.x_test[:2], args.onnx)
-        onnx = check_onnx(relu_model, split.x_test, args.onnx)
+    if onnx is not None:
         print(f"ONNX: {onnx.op_counts}; smooth-gate ops: {onnx.smooth_gate_ops or 'none'}; "
               f"max |onnxruntime − torch| = {onnx.max_abs_diff:.2e}")
     print(f"-> {out}")
@@ -509,11 +516,16 @@ READS = ("model_dir", "data", "checkpoint", "gelu", "data_dir", "cache")
 
 def _planned(args: argparse.Namespace) -> tuple[list[Output], list[tuple[str, str]]]:
     """The outputs and inputs of ``args``' command, for :func:`~lambda_gelu.output_plan.planned_outputs`."""
-    outputs = [Output(Path(getattr(args, dest)), kind, "--" + dest)
-               for dest, kind in WRITES[args.command] if getattr(args, dest, None) is not None]
+    given = [(dest, kind) for dest, kind in WRITES[args.command] if getattr(args, dest, None) is not None]
+    for dest, _kind in given:
+        if not str(getattr(args, dest)).strip():
+            raise UsageError(f"--{dest} is empty; name a path")
+        where = landing(getattr(args, dest))
+        if where != Path(os.path.abspath(getattr(args, dest))):  # link/..: write where the check looked
+            setattr(args, dest, str(where))
+    outputs = [Output(Path(getattr(args, dest)), kind, "--" + dest) for dest, kind in given]
     if hasattr(args, "checkpoint_every") and args.command != "hf":  # train, harden: the run state beside --out
-        outputs.append(Output(state_folder(args.out), "folder", "the run state of --out", may_exist=True,
-                              locked=False))
+        outputs.append(Output(state_folder(args.out), "folder", "the run state of --out", may_exist=True))
     inputs = [("--" + dest.replace("_", "-") if dest not in ("model_dir", "checkpoint") else dest.upper(),
                getattr(args, dest)) for dest in READS if getattr(args, dest, None)]
     return outputs, inputs

@@ -64,6 +64,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset
                 dynamic_shapes=({0: batch},),
                 verbose=False,
             )
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # leave no half-written export behind
+        raise
     finally:
         exporter_log.setLevel(level)
     os.replace(tmp, path)

@@ -26,6 +26,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lambda_gelu.outputs import OutputExistsError
 
@@ -51,13 +52,18 @@ class Output:
     kind: str
     option: str
     may_exist: bool = False  # checked elsewhere (a run state resumed with --resume)
-    locked: bool = True  # False: covered by another output's lock (the run state beside --out)
 
 
 def landing(path: str | Path) -> Path:
-    """Where a write to ``path`` lands: its folder resolved, its own name kept (a link there is replaced)."""
-    absolute = Path(os.path.abspath(path))
-    return absolute.parent.resolve() / absolute.name if absolute.name else absolute
+    """Where a write to ``path`` lands: its folder resolved, its own name kept (a link there is replaced).
+
+    The folder is resolved as the OS will (``link/..`` is the folder above the link's target, not the folder
+    holding the link), which ``os.path.abspath`` alone would get wrong.
+    """
+    head, name = os.path.split(os.fspath(path))
+    if name in ("", ".", ".."):
+        return Path(os.path.realpath(path or "."))
+    return Path(os.path.realpath(os.path.join(os.getcwd(), head or "."))) / name
 
 
 def _within(inner: Path, outer: Path) -> bool:
@@ -111,6 +117,18 @@ def check_outputs(outputs: Sequence[Output], inputs: Sequence[tuple[str, str | P
     return [where for _, where in landed]
 
 
+def _open_in_new_folder(lock_path: Path) -> Any:
+    """Make ``lock_path``'s folder and open the file; retried when another run removes a folder it just made."""
+    for attempt in range(5):
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            return open(lock_path, "a+")  # held for the block
+        except FileNotFoundError:
+            if attempt == 4:
+                raise
+    raise AssertionError("unreachable")
+
+
 @contextlib.contextmanager
 def output_lock(where: Path, option: str) -> Iterator[None]:
     """Hold ``.<name>.lock`` beside ``where`` for the block; another holder makes it raise OutputBusyError."""
@@ -118,12 +136,11 @@ def output_lock(where: Path, option: str) -> Iterator[None]:
         yield
         return
     created = [p for p in [where.parent, *where.parent.parents] if not p.exists()]
-    where.parent.mkdir(parents=True, exist_ok=True)
     lock_path = where.parent / f".{where.name}.lock"
     handle = None
     try:
         while True:  # the file may be removed by its holder between our open and our lock: retry on a new one
-            handle = open(lock_path, "a+")  # held for the block
+            handle = _open_in_new_folder(lock_path)
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -162,6 +179,6 @@ def planned_outputs(outputs: Sequence[Output], inputs: Sequence[tuple[str, str |
     with contextlib.ExitStack() as stack:
         if lock:
             for out, where in zip(outputs, paths, strict=True):
-                if out.locked:
-                    stack.enter_context(output_lock(where, out.option))
+                stack.enter_context(output_lock(where, out.option))
+            check_outputs(outputs, inputs, force)  # again under the locks: a run that ended meanwhile wrote them
         yield paths

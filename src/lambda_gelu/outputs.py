@@ -21,9 +21,18 @@ def umask_mode(folder: bool) -> int:
     ``tempfile.mkstemp``/``mkdtemp`` make private (0600/0700) files and folders; what they become (a checkpoint,
     a run folder) follows the umask instead, as other tools' outputs do.
     """
-    mask = os.umask(0)
+    return (0o777 if folder else 0o666) & ~current_umask()
+
+
+def current_umask() -> int:
+    """This process's umask, read from /proc where it can be (setting it to read it races with other threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)  # the brief value is the safe one: nothing made meanwhile is more open than asked
     os.umask(mask)
-    return (0o777 if folder else 0o666) & ~mask
+    return mask
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

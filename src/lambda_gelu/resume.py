@@ -220,7 +220,14 @@ def save_state(path: str | Path, step: int, body: dict[str, Any], meta: dict[str
         "body": skeleton,
         "digests": {key: _digest(value) for key, value in tensors.items()},
     }
+    header["header_sha256"] = _header_digest(header)
     return write_safetensors(path, tensors, {STATE_KEY: json.dumps(header)})
+
+
+def _header_digest(header: dict[str, Any]) -> str:
+    """SHA-256 of the JSON fields a resume reads (step, meta, the body's skeleton, the tensors' digests)."""
+    fields = {key: header.get(key) for key in ("step", "meta", "body", "digests")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def load_state(path: str | Path) -> RunState:
@@ -249,6 +256,8 @@ def load_state(path: str | Path) -> RunState:
     if header.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path}: unsupported run-state format {header.get('format')!r}")
     check_fields(path, header, {"step": int, "meta": dict, "body": dict, "digests": dict}, "run state")
+    if "header_sha256" in header and header["header_sha256"] != _header_digest(header):  # states since 0.2
+        raise CheckpointError(f"{path}: the run state's header is corrupted (checksum mismatch)")
     if header["step"] < 0:
         raise CheckpointError(f"{path}: the run state's field 'step' is {header['step']}, not a step count")
     digests = header["digests"]
