@@ -10,10 +10,7 @@ leaves a half-written checkpoint in place of a good one.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +24,7 @@ from lambda_gelu.gates import lambda_layers
 from lambda_gelu.gelu_types import gelu_approximation
 from lambda_gelu.models import build_model
 from lambda_gelu.module import RAW_KEY, LambdaGELU, lambda_state_problem, upgrade_lambda_state
-from lambda_gelu.outputs import umask_mode
+from lambda_gelu.outputs import atomic_write
 
 FORMAT_VERSION = 2
 """2: λ stored as log λ (key ``log_lam``, one layer's λ of shape (1,)).
@@ -104,48 +101,9 @@ def save_checkpoint(
     return write_safetensors(path, tensors, {METADATA_KEY: json.dumps(header)})
 
 
-def fsync_dir(folder: str | Path) -> None:
-    """Flush a folder's entries (a rename inside it) to disk, where the OS allows it."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some file systems refuse fsync on folders
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Write a safetensors file atomically: temporary file in the same folder, fsync, rename, fsync the folder.
-
-    A crash at any point leaves either the old file or the new one at ``path``,
-    never a mixture; if the write fails, the temporary file and any folder made
-    for it are removed.
-    """
-    path = Path(path)
-    created = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, umask_mode(folder=False))  # mkstemp (and safetensors) write 0600; outputs follow the umask
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        for folder in created:  # innermost first: leave the disk as it was
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
-    return path
+    """Write a safetensors file atomically (:func:`lambda_gelu.outputs.atomic_write`)."""
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def check_fields(path: str | Path, record: Any, fields: dict[str, type], what: str, where: str = "") -> None:

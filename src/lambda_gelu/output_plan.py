@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lambda_gelu.outputs import OutputExistsError
+from lambda_gelu.outputs import OutputExistsError, missing_parents, remove_empty
 
 try:
     import fcntl
@@ -135,7 +135,7 @@ def output_lock(where: Path, option: str) -> Iterator[None]:
     if fcntl is None:  # pragma: no cover - Windows
         yield
         return
-    created = [p for p in [where.parent, *where.parent.parents] if not p.exists()]
+    created = missing_parents(where)
     lock_path = where.parent / f".{where.name}.lock"
     handle = None
     try:
@@ -163,9 +163,7 @@ def output_lock(where: Path, option: str) -> Iterator[None]:
             with contextlib.suppress(OSError):
                 os.unlink(lock_path)
             handle.close()
-        for folder in created:  # innermost first; only while still empty
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        remove_empty(created)
 
 
 @contextlib.contextmanager

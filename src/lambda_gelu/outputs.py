@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,31 +35,63 @@ def current_umask() -> int:
     return mask
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file beside it and a rename (mode from the umask).
+def missing_parents(path: Path) -> list[Path]:
+    """The folders above ``path`` that do not exist yet, innermost first (what a ``mkdir(parents=True)`` makes)."""
+    return [p for p in [path.parent, *path.parent.parents] if not p.exists()]
 
-    A failure leaves ``path`` as it was, no temporary file, and no folder made for it.
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (innermost first) that is empty: leave the disk as it was before they were made."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Flush a folder's entries (a rename inside it) to disk, where the OS allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Write ``path`` as ``write(tmp)`` writes a temporary file beside it; then fsync, rename, fsync the folder.
+
+    A crash at any point leaves either the old file or the new one at ``path``, never a mixture; if the write
+    fails, the temporary file and any folder made for it are removed. The file's mode follows the umask
+    (``mkstemp`` would leave 0600).
     """
     path = Path(path)
-    created = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
+    created = missing_parents(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        os.close(fd)
+        write(tmp)
         os.chmod(tmp, umask_mode(folder=False))
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        for folder in created:  # innermost first
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        remove_empty(created)
         raise
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """:func:`atomic_write` of ``text`` (newlines as given)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, newline=""))
 
 
 def check_writable(path: str | Path, force: bool) -> Path:
@@ -80,7 +112,7 @@ def staged_dir(final: str | Path, force: bool = False) -> Iterator[Path]:
     it) is removed and ``final`` (if it existed) is untouched. An existing ``final`` is replaced only with ``force``.
     """
     final = check_writable(final, force)
-    created = [p for p in [final.parent, *final.parent.parents] if not p.exists()]
+    created = missing_parents(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     stage.chmod(umask_mode(folder=True))
@@ -88,9 +120,7 @@ def staged_dir(final: str | Path, force: bool = False) -> Iterator[Path]:
         yield stage
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
-        for folder in created:  # innermost first: leave the disk as it was
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        remove_empty(created)
         raise
     old = None
     try:
