@@ -49,15 +49,14 @@ class Split:
         One forward pass on two test inputs, before any work: a data set of another input shape (or a vocabulary
         the model has no embedding for) is named in one line instead of failing inside the model.
         """
-        training = model.training
+        from lambda_gelu.gates import preserved_modes
+
         try:
-            with torch.no_grad():
-                out = model.eval()(self.x_test[:2])
+            with torch.no_grad(), preserved_modes(model, training=False):
+                out = model(self.x_test[:2])
         except (RuntimeError, IndexError, ValueError) as error:
             raise ValueError(f"data set {self.name!r} (inputs of shape {tuple(self.x_test.shape[1:])}) does not fit "
                              f"{source}: {str(error).splitlines()[0]}") from None
-        finally:
-            model.train(training)
         if out.shape[-1] != self.num_classes:
             raise ValueError(f"data set {self.name!r} has {self.num_classes} classes, {source} has "
                              f"{out.shape[-1]} outputs")

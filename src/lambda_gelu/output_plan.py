@@ -119,14 +119,15 @@ def check_outputs(outputs: Sequence[Output], inputs: Sequence[tuple[str, str | P
 
 def _open_in_new_folder(lock_path: Path) -> Any:
     """Make ``lock_path``'s folder and open the file; retried when another run removes a folder it just made."""
-    for attempt in range(5):
+    tries = 5
+    while True:
         try:
             lock_path.parent.mkdir(parents=True, exist_ok=True)
             return open(lock_path, "a+")  # held for the block
         except FileNotFoundError:
-            if attempt == 4:
+            tries -= 1
+            if not tries:
                 raise
-    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager
