@@ -6,7 +6,9 @@ run, the forward and the forward+backward of
 * ``F.gelu`` (the baseline every ratio is taken against), ``F.relu`` and
   ``x.clone()`` (a copy: one read and one write, the memory-bandwidth limit);
 * ``F.gelu`` compiled by ``torch.compile`` (what inductor's own code for the
-  same erf formula costs, against ATen's GELU kernel);
+  same erf formula costs, against ATen's GELU kernel), and ``lambda_gelu``
+  compiled the same way (the op inside a user's ``torch.compile``: its traced
+  path, whose ratio to the former is the "compiled gate" target of issue 13);
 * λ-GELU on its compiled path (``torch.compile``/inductor kernels) and on its
   eager fallback (``LAMBDA_GELU_COMPILE=0``), with a learnable scalar λ (so the
   backward also reduces ∂f/∂λ);
@@ -36,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -47,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from lambda_gelu import kernels
+from lambda_gelu.check.runner import device_summary
 from lambda_gelu.ops import lambda_gelu, lambda_gelu_reference, op_path
 from lambda_gelu.outputs import check_writable
 
@@ -60,6 +62,7 @@ def _size_name(n: int) -> str:
 
 
 _gelu_inductor = torch.compile(F.gelu, dynamic=True)
+_lambda_gelu_inductor = torch.compile(lambda_gelu, dynamic=True)  # the op inside a user's torch.compile
 
 
 def _variants(x: torch.Tensor, lam: torch.Tensor) -> dict[str, tuple[str | None, Callable[[], object]]]:
@@ -69,6 +72,7 @@ def _variants(x: torch.Tensor, lam: torch.Tensor) -> dict[str, tuple[str | None,
         "F.relu": (None, lambda: F.relu(x)),
         "copy": (None, lambda: x.clone()),
         "F.gelu by inductor": (None, lambda: _gelu_inductor(x)),
+        "λ-GELU by inductor": (None, lambda: _lambda_gelu_inductor(x, lam)),
         "λ-GELU compiled": ("on", lambda: lambda_gelu(x, lam)),
         "λ-GELU eager": ("off", lambda: lambda_gelu(x, lam)),
         "F.gelu(λx)/λ": (None, lambda: lambda_gelu_reference(x, lam)),
@@ -175,6 +179,7 @@ def numerics() -> list[dict]:
         sample = slice(None, None, 40)  # 52K points: below FAST_MIN_NUMEL, so the exact path
         assert op_path(xs[sample], lam) == "exact eager"
         outputs["exact eager (erfc)"] = (lambda_gelu(xs[sample], lam), sample)
+        outputs["traced (in torch.compile)"] = (_lambda_gelu_inductor(xs, torch.tensor(lam)), slice(None))
         outputs["F.gelu(λx)/λ"] = (lambda_gelu_reference(xs, torch.tensor(lam)), slice(None))
         tail = {}
         for name, (out, where) in outputs.items():
@@ -238,19 +243,31 @@ def combine_rounds(runs: list[dict]) -> dict:
         result[key] = {name: statistics.median(run[key][name] for run in runs) for name in names}
         result[f"{key}_ratio"] = {name: statistics.median(r) for name, r in ratios.items()}
         result[f"{key}_ratio_range"] = {name: [min(r), max(r)] for name, r in ratios.items()}
+        if {"λ-GELU by inductor", "F.gelu by inductor"} <= set(names):  # the compiled-gate target (issue 13)
+            gate = [run[key]["λ-GELU by inductor"] / run[key]["F.gelu by inductor"] for run in runs]
+            result[f"{key}_{INDUCTOR_RATIO}"] = [statistics.median(gate), min(gate), max(gate)]
     result["rounds"] = runs
     return result
 
 
+INDUCTOR_RATIO = "λ-GELU by inductor ÷ F.gelu by inductor"
+
+
 def _table(results: list[dict], key: str, title: str) -> str:
     names = list(results[0][key])
+    gate = f"{key}_{INDUCTOR_RATIO}"
+    extra = [INDUCTOR_RATIO] if gate in results[0] else []
     lines = [f"**{title}** (time ÷ F.gelu's, median over rounds; F.gelu's own median time in ms)", ""]
-    lines.append("| size | dtype | F.gelu ms | " + " | ".join(n for n in names if n != "F.gelu") + " |")
-    lines.append("| --- | --- | ---: | " + " | ".join("---:" for n in names if n != "F.gelu") + " |")
+    lines.append("| size | dtype | F.gelu ms | " + " | ".join([n for n in names if n != "F.gelu"] + extra) + " |")
+    lines.append("| --- | --- | ---: | " + " | ".join("---:" for n in [*names[1:], *extra]) + " |")
     for r in results:
         ratio, spread = r[f"{key}_ratio"], r[f"{key}_ratio_range"]
-        cells = [f"{ratio[n]:.2f}" + (f" ({spread[n][0]:.2f}–{spread[n][1]:.2f})" if len(r["rounds"]) > 1 else "")
+        many = len(r["rounds"]) > 1
+        cells = [f"{ratio[n]:.2f}" + (f" ({spread[n][0]:.2f}–{spread[n][1]:.2f})" if many else "")
                  for n in names if n != "F.gelu"]
+        if extra:
+            median, low, high = r[gate]
+            cells.append(f"**{median:.2f}**" + (f" ({low:.2f}–{high:.2f})" if many else ""))
         lines.append(
             f"| {_size_name(r['numel'])} | {r['dtype']} | {r[key]['F.gelu'] * 1e3:.2f} | " + " | ".join(cells) + " |"
         )
@@ -316,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if args.numerics_only:
         report = {"command": command, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                  "machine": platform.processor() or platform.machine(), "numerics": numerics(),
+                  "machine": device_summary(), "numerics": numerics(),
                   "compile_status": kernels.compile_status()}
         print(tables_from_report(report))
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -348,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": command,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
+        "machine": device_summary(),
         "compile_status": kernels.compile_status(),
         "first_compile_s": compile_s,
         "repeats": args.repeats,

@@ -15,32 +15,36 @@ Special values: NaN gives NaN, -inf gives NaN (as ``F.gelu`` does: -inf·0) and
 +inf gives +inf. ``F.gelu`` itself returns +inf for +inf in float64 and on its
 scalar path but NaN on its vectorised fp32/bf16 path; we return the limit.
 
-Three ways to run the same formulas, chosen per call (:func:`op_path` says which):
+Four ways to run the same formulas, chosen per call (:func:`op_path` says which):
 
-* **compiled**: ``_kernel_forward`` / ``_kernel_backward`` (the exact path's
-  ``_fused_forward`` / ``_fused_backward`` with Φ in erf form) compiled by
-  ``torch.compile`` into one fused kernel each (the ∂f/∂λ reduction included),
-  when :mod:`lambda_gelu.kernels` says so (large tensors, a compiler present;
-  ``LAMBDA_GELU_COMPILE`` overrides). The kernels evaluate Φ(z) as
-  ½(1 + erf(z/√2)) (:func:`_normal_cdf_erf`), as ``F.gelu`` does: accurate to
-  rounding in absolute terms, but 1 + erf cancels for z < 0, so deep in the
-  left tail (fp32: z below about −5.5) Φ and f come out 0.
+* **traced** (inside a tracer: the user's ``torch.compile``, ``torch.export``,
+  ``torch.fx``/``make_fx``, ``torch.jit``, ``vmap``/``grad`` transforms, tensor
+  subclasses): the formulas below with Φ in ``F.gelu``'s erf form
+  (:func:`_normal_cdf_erf`), which the tracer's compiler fuses with the
+  neighbouring ops as it fuses GELU (inductor has no vectorised erfc on CPU: with
+  erfc the gate ran at 1.9× a compiled GELU, with erf at 1.0×) and which ONNX
+  writes as Erf (ONNX has no Erfc).
+* **compiled**: ``_kernel_forward`` / ``_kernel_backward`` (the same formulas,
+  Φ in erf form) compiled by ``torch.compile`` into one fused kernel each (the
+  ∂f/∂λ reduction included), when :mod:`lambda_gelu.kernels` says so (large
+  tensors, a compiler present; ``LAMBDA_GELU_COMPILE`` overrides).
 * **fast eager** (CPU, fp32/bf16/fp16, at least :data:`FAST_MIN_NUMEL`
   elements): f = GELU(λx)/λ through ATen's vectorised GELU and GELU-backward,
   in place on one buffer: three passes and one read-only check where
-  ``F.gelu`` takes one pass. It has ``F.gelu``'s error, the same left-tail
-  cancellation included.
-* **exact eager** (everything else: fp64, small tensors, other devices, and
-  inside tracers such as ``torch.compile``, which then fuse these formulas
-  into their own graph): the formulas below with Φ(z) = ½·erfc(−z/√2)
-  (:func:`_normal_cdf`), accurate in relative terms in the left tail too
-  (until Φ underflows the dtype). Not ``torch.special.ndtr``: on torch 2.13's
-  CPU it computes ½(1 + erf(z/√2)) for z < 0 and returns 0 below z ≈ −5.5 in
-  fp32 and z ≈ −8.3 in fp64.
+  ``F.gelu`` takes one pass.
+* **exact eager** (everything else: fp64, small tensors, other devices): the
+  formulas below with Φ(z) = ½·erfc(−z/√2) (:func:`_normal_cdf`), accurate in
+  relative terms in the left tail too (until Φ underflows the dtype). Not
+  ``torch.special.ndtr``: on torch 2.13's CPU it computes ½(1 + erf(z/√2)) for
+  z < 0 and returns 0 below z ≈ −5.5 in fp32 and z ≈ −8.3 in fp64.
 
-All paths are accurate to rounding in absolute terms (errors of a few ε·|x|) and
-agree to that, not bit for bit; only the exact path is also accurate in relative
-terms in the left tail (docs/performance.md, "Accuracy of each path").
+The erf form evaluates Φ(z) as ½(1 + erf(z/√2)), as ``F.gelu`` does: accurate to
+rounding in absolute terms, but 1 + erf cancels for z < 0, so deep in the left
+tail (fp32: z below about −5.5) Φ and f come out 0. The traced, compiled and fast
+eager paths all have that error (``F.gelu``'s); all paths are accurate to
+rounding in absolute terms (errors of a few ε·|x|) and agree to that, not bit for
+bit; only the exact path is also accurate in relative terms in the left tail
+(docs/performance.md, "Accuracy of each path").
 """
 
 from __future__ import annotations
@@ -77,12 +81,9 @@ def _normal_cdf(z: torch.Tensor) -> torch.Tensor:
 
 
 def _normal_cdf_erf(z: torch.Tensor) -> torch.Tensor:
-    """Φ(z) as ``torch.special.ndtr`` computes it: ½(1 + erf(z/√2)), both in ATen (torch 2.13) and in inductor's
-    decomposition; F.gelu's form. Accurate in absolute terms only: 0 for z below about −5.5 (fp32).
-
-    The compiled kernels use it: it is what their timings in docs/performance.md were measured with.
-    """
-    return torch.special.ndtr(z)
+    """Φ(z) = ½(1 + erf(z/√2)), F.gelu's form (and inductor's lowering of ``torch.special.ndtr``), for the traced
+    and compiled paths. Accurate in absolute terms only: 0 for z below about −5.5 (fp32)."""
+    return 0.5 * (1.0 + torch.erf(_SQRT_HALF * z))
 
 
 def _forward(x: torch.Tensor, lam: torch.Tensor, approximate: str, cdf: NormalCDF = _normal_cdf) -> torch.Tensor:
@@ -288,7 +289,8 @@ def _backward_compiled(
 
 
 def op_path(x: torch.Tensor, lam: torch.Tensor | float = 1.0) -> str:
-    """Which path a call ``lambda_gelu(x, lam)`` takes now: ``"compiled"``, ``"fast eager"`` or ``"exact eager"``.
+    """Which path a call ``lambda_gelu(x, lam)`` takes now: ``"traced"``, ``"compiled"``, ``"fast eager"`` or
+    ``"exact eager"``.
 
     ``"compiled"`` means the call is attempted as a fused kernel; should
     compiling fail, the call (and every later one on that device type) falls
@@ -296,6 +298,8 @@ def op_path(x: torch.Tensor, lam: torch.Tensor | float = 1.0) -> str:
     """
     if not isinstance(lam, torch.Tensor):
         lam = torch.tensor(float(lam), dtype=torch.float32, device=x.device)
+    if kernels.is_tracing(x, lam):
+        return "traced"
     if kernels.use_compiled(x, lam) and _compiled_layout(x, lam) is not None:
         return "compiled"
     return "fast eager" if _fast_eager_ok(x, lam) else "exact eager"
@@ -312,6 +316,8 @@ class LambdaGELUFunction(torch.autograd.Function):
             out = _forward_compiled(x, lam, approximate)
             if out is not None:
                 return out
+        if kernels.is_tracing(x, lam):
+            return _fused_forward(x, lam, approximate, _normal_cdf_erf)
         if _fast_eager_ok(x, lam):
             return _forward_fast(x, lam, approximate)
         return _fused_forward(x, lam, approximate)
@@ -334,7 +340,8 @@ class LambdaGELUFunction(torch.autograd.Function):
             if grads is None and _fast_eager_ok(x, lam) and grad_out.dtype in _FAST_DTYPES:
                 grads = _backward_fast(x, lam, grad_out, ctx.approximate, need_x, need_lam)
         if grads is None:
-            grads = _fused_backward(x, lam, grad_out, ctx.approximate, need_x, need_lam)
+            cdf = _normal_cdf_erf if kernels.is_tracing(x, lam, grad_out) else _normal_cdf
+            grads = _fused_backward(x, lam, grad_out, ctx.approximate, need_x, need_lam, cdf)
         return grads[0], grads[1], None
 
 
