@@ -343,6 +343,33 @@ def test_model_compiled_traces_erf_form(mode):
         torch.testing.assert_close(grads[name], p.grad, atol=1e-12, rtol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_dynamic_compile_reads_no_constant_inputs(approximate):
+    """Under torch.compile(dynamic=True) the op's graph takes x and λ only: its constants are literals, not module
+    floats that dynamo would pass in as f64 tensors (the kernel it built around one ran on a single thread)."""
+    from lambda_gelu import ops
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def keep(graph, _inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    x = torch.randn(300, requires_grad=True)
+    lam = torch.tensor(2.5, requires_grad=True)
+    compiled = torch.compile(lambda t, l: lambda_gelu(t, l, approximate), dynamic=True, backend=keep)
+    out = compiled(x, lam)
+    out.sum().backward()
+    tensor_inputs = [node for node in graphs[0].graph.nodes
+                     if node.op == "placeholder" and isinstance(node.meta.get("example_value"), torch.Tensor)]
+    assert len(tensor_inputs) == 2, [node.name for node in tensor_inputs]
+    torch.testing.assert_close(out, lambda_gelu(x.detach(), lam.detach(), approximate), atol=1e-6, rtol=1e-6)
+    # the literals the formulas use are the constants they name
+    assert 0.7071067811865476 == ops._SQRT_HALF and 0.3989422804014327 == ops._INV_SQRT_2PI
+    assert 0.7978845608028654 == ops._TANH_C and 0.134145 == 3 * ops._TANH_A
+
+
 def test_op_path_traced_inside_transforms():
     """op_path says "traced" where a tracer sees the op (here vmap's batched tensors), whatever the size or dtype."""
     seen: list[str] = []

@@ -60,8 +60,11 @@ from lambda_gelu import kernels
 Approximate = Literal["none", "tanh"]
 APPROXIMATIONS: tuple[str, ...] = ("none", "tanh")
 
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_TANH_C = math.sqrt(2.0 / math.pi)
+# The formulas below write these constants as literals: under ``torch.compile(..., dynamic=True)`` dynamo turns a
+# module-level float into a graph input (an f64 tensor read per call), and the kernel it built for a 0-d λ then ran
+# on one thread (1.4× a compiled GELU at 8M elements). tests/test_fast_path.py checks both (values and graph inputs).
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)  # 0.3989422804014327
+_TANH_C = math.sqrt(2.0 / math.pi)  # 0.7978845608028654
 _TANH_A = 0.044715
 
 
@@ -70,20 +73,20 @@ def _compute_dtype(x: torch.Tensor, lam: torch.Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(x.dtype, lam.dtype), torch.float32)
 
 
-_SQRT_HALF = math.sqrt(0.5)
+_SQRT_HALF = math.sqrt(0.5)  # 0.7071067811865476
 
 NormalCDF = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _normal_cdf(z: torch.Tensor) -> torch.Tensor:
     """Φ(z) = ½·erfc(−z/√2), accurate in relative terms for z < 0 too (no 1 + erf cancellation)."""
-    return 0.5 * torch.special.erfc(-_SQRT_HALF * z)
+    return 0.5 * torch.special.erfc(-0.7071067811865476 * z)  # -z/√2
 
 
 def _normal_cdf_erf(z: torch.Tensor) -> torch.Tensor:
     """Φ(z) = ½(1 + erf(z/√2)), F.gelu's form (and inductor's lowering of ``torch.special.ndtr``), for the traced
     and compiled paths. Accurate in absolute terms only: 0 for z below about −5.5 (fp32)."""
-    return 0.5 * (1.0 + torch.erf(_SQRT_HALF * z))
+    return 0.5 * (1.0 + torch.erf(0.7071067811865476 * z))  # z/√2
 
 
 def _forward(x: torch.Tensor, lam: torch.Tensor, approximate: str, cdf: NormalCDF = _normal_cdf) -> torch.Tensor:
@@ -93,7 +96,7 @@ def _forward(x: torch.Tensor, lam: torch.Tensor, approximate: str, cdf: NormalCD
         # f = x·Φ(λx)
         return x * cdf(z)
     # f = ½x(1 + tanh(u)), u = c(z + a z³)
-    u = _TANH_C * z * (1.0 + _TANH_A * z * z)
+    u = 0.7978845608028654 * z * (1.0 + 0.044715 * z * z)  # c = √(2/π), a = 0.044715
     return 0.5 * x * (1.0 + torch.tanh(u))
 
 
@@ -103,14 +106,14 @@ def _backward(
     """Elementwise (∂f/∂x, ∂f/∂λ) in the compute dtype of (x, λ); ``cdf`` evaluates Φ."""
     z = lam * x
     if approximate == "none":
-        pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI  # φ(λx)
+        pdf = torch.exp(-0.5 * z * z) * 0.3989422804014327  # φ(λx) = exp(−z²/2)/√(2π)
         dfdx = cdf(z) + z * pdf  # ∂f/∂x = Φ(λx) + λx·φ(λx)
         dfdlam = x * x * pdf  # ∂f/∂λ = x²·φ(λx)
         return dfdx, dfdlam
-    u = _TANH_C * z * (1.0 + _TANH_A * z * z)
+    u = 0.7978845608028654 * z * (1.0 + 0.044715 * z * z)  # c = √(2/π), a = 0.044715
     t = torch.tanh(u)
     sech2 = 1.0 - t * t  # tanh' (u) = sech²(u)
-    du_dz = _TANH_C * (1.0 + 3.0 * _TANH_A * z * z)  # du/dz = c(1 + 3a z²)
+    du_dz = 0.7978845608028654 * (1.0 + 0.134145 * z * z)  # du/dz = c(1 + 3a z²)
     dfdx = 0.5 * (1.0 + t) + 0.5 * z * sech2 * du_dz  # ∂f/∂x = ½(1+t) + ½·λx·sech²(u)·du/dz
     dfdlam = 0.5 * x * x * sech2 * du_dz  # ∂f/∂λ = ½·x²·sech²(u)·du/dz
     return dfdx, dfdlam
