@@ -1,4 +1,4 @@
-"""Speed and memory of the λ-GELU op against F.gelu, F.relu and a plain copy, on CPU.
+"""Speed and memory of the λ-GELU op against F.gelu, F.relu and a plain copy, on CPU (or a CUDA GPU).
 
 For each size (64K to 16M elements) and dtype (fp32, bf16) it times, in one
 run, the forward and the forward+backward of
@@ -23,12 +23,19 @@ The backward is ``torch.autograd.grad`` with a random upstream gradient. Bytes
 saved for backward per element are counted with
 ``torch.autograd.graph.saved_tensors_hooks``.
 
+``--device cuda`` times the same variants on the GPU (the compiled path is then
+inductor's Triton kernels; each call is followed by ``torch.cuda.synchronize``),
+and the tables gain each variant's share of a copy's bandwidth (copy time ÷ its
+time: the forward of a gate moves the bytes a copy moves). The accuracy table is
+always measured on the CPU.
+
 Prints Markdown tables and writes everything as JSON. ``--numerics-only``
 measures only the accuracy of each path (seconds, no timing);
 ``--from-json FILE`` prints the tables of a saved run without measuring.
 
 Usage: python benchmarks/op_speed.py [--out runs/op_speed.json] [--force]
        [--sizes 65536,...] [--dtypes fp32,bf16] [--repeats 15] [--warmup 3] [--rounds 3] [--threads 2]
+       [--device cpu|cuda]
        [--numerics-only]
        python benchmarks/op_speed.py --from-json runs/op_speed.json
 """
@@ -105,7 +112,13 @@ def saved_bytes_per_element(forward: Callable[[], torch.Tensor], numel: int) -> 
     return total / numel
 
 
-def _time_round_robin(calls: dict[str, tuple[str | None, Callable[[], object]]], warmup: int, repeats: int):
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_round_robin(calls: dict[str, tuple[str | None, Callable[[], object]]], warmup: int, repeats: int,
+                      device: torch.device = torch.device("cpu")):
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(warmup):
         for mode, call in calls.values():
@@ -114,21 +127,23 @@ def _time_round_robin(calls: dict[str, tuple[str | None, Callable[[], object]]],
     for _ in range(repeats):
         for name, (mode, call) in calls.items():
             kernels.set_compile_mode(mode)
+            _sync(device)
             start = time.perf_counter()
             call()
+            _sync(device)
             times[name].append(time.perf_counter() - start)
     kernels.set_compile_mode(None)
     return {name: statistics.median(ts) for name, ts in times.items()}, {name: min(ts) for name, ts in times.items()}
 
 
-def measure(n: int, dtype: torch.dtype, warmup: int, repeats: int) -> dict:
+def measure(n: int, dtype: torch.dtype, warmup: int, repeats: int, device: torch.device = torch.device("cpu")) -> dict:
     """Forward and forward+backward medians (seconds) of every variant on ``n`` elements of ``dtype``."""
     torch.manual_seed(0)
-    x = torch.randn(n, dtype=dtype)
-    lam = torch.tensor(LAM)
-    grad = torch.randn(n, dtype=dtype)
+    x = torch.randn(n, dtype=dtype, device=device)
+    lam = torch.tensor(LAM, device=device)
+    grad = torch.randn(n, dtype=dtype, device=device)
     forward = _variants(x, lam)
-    forward_times, forward_min = _time_round_robin(forward, warmup, repeats)
+    forward_times, forward_min = _time_round_robin(forward, warmup, repeats, device)
 
     xg = x.clone().requires_grad_(True)
     lamg = lam.clone().requires_grad_(True)
@@ -141,7 +156,7 @@ def measure(n: int, dtype: torch.dtype, warmup: int, repeats: int) -> dict:
         kernels.set_compile_mode(mode)
         saved[name] = saved_bytes_per_element(call, n)
         kernels.set_compile_mode(None)
-    backward_times, backward_min = _time_round_robin(backward_calls, warmup, repeats)
+    backward_times, backward_min = _time_round_robin(backward_calls, warmup, repeats, device)
     kernels.set_compile_mode("on")
     compiled_path = op_path(x, lam)
     kernels.set_compile_mode(None)
@@ -251,12 +266,16 @@ def combine_rounds(runs: list[dict]) -> dict:
 
 
 INDUCTOR_RATIO = "λ-GELU by inductor ÷ F.gelu by inductor"
+COPY_SHARE = "λ-GELU compiled: share of a copy's bandwidth"
 
 
 def _table(results: list[dict], key: str, title: str) -> str:
     names = list(results[0][key])
     gate = f"{key}_{INDUCTOR_RATIO}"
     extra = [INDUCTOR_RATIO] if gate in results[0] else []
+    copy_share = key == "forward_s" and "copy" in names and "λ-GELU compiled" in names
+    if copy_share:
+        extra.append(COPY_SHARE)
     lines = [f"**{title}** (time ÷ F.gelu's, median over rounds; F.gelu's own median time in ms)", ""]
     lines.append("| size | dtype | F.gelu ms | " + " | ".join([n for n in names if n != "F.gelu"] + extra) + " |")
     lines.append("| --- | --- | ---: | " + " | ".join("---:" for n in [*names[1:], *extra]) + " |")
@@ -265,9 +284,11 @@ def _table(results: list[dict], key: str, title: str) -> str:
         many = len(r["rounds"]) > 1
         cells = [f"{ratio[n]:.2f}" + (f" ({spread[n][0]:.2f}–{spread[n][1]:.2f})" if many else "")
                  for n in names if n != "F.gelu"]
-        if extra:
+        if gate in r:
             median, low, high = r[gate]
             cells.append(f"**{median:.2f}**" + (f" ({low:.2f}–{high:.2f})" if many else ""))
+        if copy_share:
+            cells.append(f"{ratio['copy'] / ratio['λ-GELU compiled']:.0%}")
         lines.append(
             f"| {_size_name(r['numel'])} | {r['dtype']} | {r[key]['F.gelu'] * 1e3:.2f} | " + " | ".join(cells) + " |"
         )
@@ -301,7 +322,10 @@ def tables_from_report(report: dict) -> str:
 
 
 def _header(report: dict) -> str:
-    line = f"command: {report['command']} (torch {report['torch']}, {report['threads']} threads"
+    line = f"command: {report['command']} (torch {report['torch']}, {report.get('machine', 'CPU not recorded')}"
+    if report.get("device", "cpu") != "cpu":
+        line += f", {report['device']}"
+    line += f", {report['threads']} threads"
     if report.get("results"):
         line += f", {report['rounds']} rounds × {report['repeats']} repeats after {report['warmup']} warm-up"
     if report.get("first_compile_s") is not None:
@@ -321,7 +345,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3, help="independent rounds per size (ratios: median)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not args.from_json and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no CUDA GPU that torch can use")
     command = " ".join(["python", "benchmarks/op_speed.py", *(sys.argv[1:] if argv is None else argv)])
     if args.from_json:
         report = json.loads(Path(args.from_json).read_text())
@@ -342,13 +369,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
+    device = torch.device(args.device)
 
     started = time.perf_counter()
     kernels.set_compile_mode("on")
-    warm = torch.randn(1 << 16, requires_grad=True)  # compile (or load from cache) before timing
+    warm = torch.randn(1 << 16, device=device)  # compile (or load from cache) before timing
     for dtype in dtypes:
-        w = warm.detach().to(dtype).requires_grad_(True)
-        lam = torch.tensor(LAM, requires_grad=True)
+        w = warm.to(dtype).requires_grad_(True)
+        lam = torch.tensor(LAM, requires_grad=True, device=device)
         torch.autograd.grad(lambda_gelu(w, lam), [w, lam], torch.ones_like(w))
     kernels.set_compile_mode(None)
     compile_s = time.perf_counter() - started
@@ -357,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[tuple[torch.dtype, int], list[dict]] = {(dtype, n): [] for dtype in dtypes for n in sizes}
     for round_index in range(args.rounds):  # rounds outermost: a burst of load hits one round of each size
         for dtype, n in runs:
-            runs[(dtype, n)].append(measure(n, dtype, args.warmup, args.repeats))
+            runs[(dtype, n)].append(measure(n, dtype, args.warmup, args.repeats, device))
         print(f"round {round_index + 1} of {args.rounds} measured", flush=True)
     results = [combine_rounds(rounds) for rounds in runs.values()]
 
@@ -366,6 +394,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": device_summary(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "compile_status": kernels.compile_status(),
         "first_compile_s": compile_s,
         "repeats": args.repeats,

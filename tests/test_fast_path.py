@@ -395,3 +395,25 @@ def test_compiled_kernels_cuda(mode):
     lam = torch.linspace(1.0, 20.0, 33, device="cuda")
     _, gl, want_gl = _check_compiled(x, lam, 1, approximate="tanh")
     torch.testing.assert_close(gl.double(), want_gl.reshape(33), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels)")
+def test_model_compiled_cuda(mode):
+    """A user's torch.compile of a λ-GELU model on CUDA (inductor's Triton kernels): forward and every gradient
+    against the same model run eagerly on the CPU in float64."""
+    if not kernels.compiler_available("cuda")[0]:
+        pytest.skip(kernels.compiler_available("cuda")[1])
+    mode(None)
+    torch.manual_seed(0)
+    model = _TinyNet()
+    reference = _TinyNet().double()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(257, 8) * 2
+    compiled = torch.compile(model.cuda())
+    out = compiled(x.cuda())
+    out.square().sum().backward()
+    want = reference(x.double())
+    want.square().sum().backward()
+    torch.testing.assert_close(out.cpu().double(), want, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad.cpu().double(), q.grad, atol=1e-4, rtol=1e-4, msg=name)

@@ -138,7 +138,7 @@ def _fused_forward(
     x: torch.Tensor, lam: torch.Tensor, approximate: str, cdf: NormalCDF = _normal_cdf
 ) -> torch.Tensor:
     """f(x; λ) computed in the compute dtype, returned in x's dtype (the exact path; with ``_normal_cdf_erf``,
-    the body of the compiled forward kernel)."""
+    the traced path and the body of the compiled forward kernel)."""
     dtype = _compute_dtype(x, lam)
     return _forward(x.to(dtype), lam.to(dtype), approximate, cdf).to(x.dtype)
 
@@ -152,8 +152,8 @@ def _fused_backward(
     need_lam: bool,
     cdf: NormalCDF = _normal_cdf,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(∂L/∂x, ∂L/∂λ) from the upstream gradient (the exact path; with ``_normal_cdf_erf``, the body of the
-    compiled backward kernel).
+    """(∂L/∂x, ∂L/∂λ) from the upstream gradient (the exact path; with ``_normal_cdf_erf``, the traced path and
+    the body of the compiled backward kernel).
 
     ∂L/∂x = g·∂f/∂x in x's dtype; ∂L/∂λ = Σ g·∂f/∂λ over λ's broadcast dims,
     summed in the compute dtype (fp32, fp64 for fp64 inputs) and then cast.
