@@ -24,8 +24,9 @@ This module decides, per call, whether the compiled kernels run, and holds them.
 A call is never compiled while it is being traced (inside ``torch.compile``,
 ``torch.export``, ``torch.fx``/``make_fx``, ``torch.jit``, ``vmap``/``grad``
 transforms, or on tensor subclasses): there the caller's own tracer sees the
-plain formulas and fuses them into its graph, so a model that uses LambdaGELU
-compiles whole. Whether a compiler exists is decided once per device type (a
+plain formulas, with Φ in F.gelu's erf form (:mod:`lambda_gelu.ops`, the traced
+path), and fuses them into its graph, so a model that uses LambdaGELU compiles
+whole and its gates cost what GELU's cost there. Whether a compiler exists is decided once per device type (a
 C++ compiler for inductor on CPU, Triton on CUDA); if compiling or running a
 compiled kernel fails, a :class:`RuntimeWarning` says so once and that device
 type uses the eager path from then on. :func:`compile_status` reports all of it.
