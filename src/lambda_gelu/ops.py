@@ -315,12 +315,12 @@ class LambdaGELUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, lam: torch.Tensor, approximate: str) -> torch.Tensor:  # type: ignore[override]
+        if kernels.is_tracing(x, lam):  # the tracer fuses the formulas into its own graph
+            return _fused_forward(x, lam, approximate, _normal_cdf_erf)
         if kernels.use_compiled(x, lam):
             out = _forward_compiled(x, lam, approximate)
             if out is not None:
                 return out
-        if kernels.is_tracing(x, lam):
-            return _fused_forward(x, lam, approximate, _normal_cdf_erf)
         if _fast_eager_ok(x, lam):
             return _forward_fast(x, lam, approximate)
         return _fused_forward(x, lam, approximate)
