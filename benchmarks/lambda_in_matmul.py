@@ -38,10 +38,7 @@ from torch import nn
 
 import lambda_gelu as lg
 from lambda_gelu.outputs import check_writable
-
-WIDTHS = (256, 1024, 1024, 10)
-BATCH = 2048
-
+from train_step_speed import make_batch, make_model  # the same MLP and batch
 
 class _ScaledLinear(torch.autograd.Function):
     """y = s·(h Wᵀ / s_prev + b) by one addmm; the scales are 0-d tensors (s_prev = s = 1 where there is no gate)."""
@@ -93,13 +90,7 @@ class MatmulLambdaMLP(nn.Module):
 
 
 def gelu_mlp() -> nn.Sequential:
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for i, (w_in, w_out) in enumerate(zip(WIDTHS, WIDTHS[1:])):
-        layers.append(nn.Linear(w_in, w_out))
-        if i < len(WIDTHS) - 2:
-            layers.append(nn.GELU())
-    return nn.Sequential(*layers)
+    return make_model("mlp", "gelu")
 
 
 def lambda_mlp(init: float) -> nn.Sequential:
@@ -109,9 +100,7 @@ def lambda_mlp(init: float) -> nn.Sequential:
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    return (torch.randn(BATCH, WIDTHS[0], generator=generator),
-            torch.randint(0, WIDTHS[-1], (BATCH,), generator=generator))
+    return make_batch("mlp")
 
 
 def lambda_grad_error(init: float) -> dict[str, float]:

@@ -21,9 +21,9 @@ Four ways to run the same formulas, chosen per call (:func:`op_path` says which)
   ``torch.fx``/``make_fx``, ``torch.jit``, ``vmap``/``grad`` transforms, tensor
   subclasses): the formulas below with Φ in ``F.gelu``'s erf form
   (:func:`_normal_cdf_erf`), which the tracer's compiler fuses with the
-  neighbouring ops as it fuses GELU (inductor has no vectorised erfc on CPU: with
-  erfc the gate ran at 1.9× a compiled GELU, with erf at 1.0×) and which ONNX
-  writes as Erf (ONNX has no Erfc).
+  neighbouring ops as it fuses GELU (inductor has no vectorised erfc on CPU;
+  docs/performance.md, "Inside the user's torch.compile") and which ONNX writes
+  as Erf (ONNX has no Erfc).
 * **compiled**: ``_kernel_forward`` / ``_kernel_backward`` (the same formulas,
   Φ in erf form) compiled by ``torch.compile`` into one fused kernel each (the
   ∂f/∂λ reduction included), when :mod:`lambda_gelu.kernels` says so (large
@@ -72,8 +72,6 @@ def _compute_dtype(x: torch.Tensor, lam: torch.Tensor) -> torch.dtype:
     """fp64 when either input is fp64, fp32 otherwise (bf16/fp16 are upcast)."""
     return torch.promote_types(torch.promote_types(x.dtype, lam.dtype), torch.float32)
 
-
-_SQRT_HALF = math.sqrt(0.5)  # 0.7071067811865476
 
 NormalCDF = Callable[[torch.Tensor], torch.Tensor]
 
